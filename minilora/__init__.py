@@ -1,4 +1,10 @@
-"""minilora: small, hackable LoRA / QLoRA fine-tuning in plain PyTorch."""
+"""minilora: small, hackable LoRA / QLoRA fine-tuning in plain PyTorch.
+
+The LoRA core is imported eagerly; everything that pulls heavier modules (bitsandbytes, the model files,
+the training loop) is imported on first use, so `import minilora` stays fast.
+"""
+from importlib import import_module
+
 from .adapter import adapter_state_dict, load_adapter, save_adapter
 from .checkpointing import enable_gradient_checkpointing
 from .config import LoraConfig
@@ -6,3 +12,33 @@ from .inject import apply_lora, merge_and_unload, merge_lora, trainable_paramete
 from .lora import LoraLinear
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "from_pretrained": "loading", "save_pretrained": "loading",
+    "load_tokenizer": "tokenizer", "Tokenizer": "tokenizer",
+    "generate": "generate",
+    "QuantConfig": "quant",
+    "train": "train", "TrainConfig": "train",
+    "plot_metrics": "plot",
+    "data": None, "metrics": None, "models": None,
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'minilora' has no attribute {name!r}")
+    module = import_module(f".{_LAZY[name] or name}", __name__)
+    value = module if _LAZY[name] is None else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    "LoraConfig", "LoraLinear", "apply_lora", "trainable_parameters", "save_adapter", "load_adapter",
+    "adapter_state_dict", "merge_lora", "unmerge_lora", "merge_and_unload", "enable_gradient_checkpointing",
+    *_LAZY,
+]

@@ -225,6 +225,6 @@ def test_training_steps_lower_the_loss():
 
 
 def test_import_is_light():
-    code = ("import sys, minilora; bad = [m for m in ('transformers', 'peft') if m in sys.modules]; "
+    code = ("import sys, minilora; bad = [m for m in ('transformers', 'peft', 'bitsandbytes') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
