@@ -1,0 +1,378 @@
+"""BERT encoder and its two task heads (sequence classification, extractive QA), HF-compatible names.
+
+Module and parameter names equal transformers' (`bert.encoder.layer.0.attention.self.query.weight`, ...) so a
+Hugging Face state dict loads without remapping. Attention runs through `F.scaled_dot_product_attention`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minilora.checkpointing import run_block
+from minilora.models.outputs import ModelOutput
+
+ACTIVATIONS = {
+    "gelu": F.gelu,  # BERT's default: the exact erf form
+    "relu": F.relu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+# Checkpoint keys every BERT class drops silently: pre-training heads (`cls.*`, e.g. bert-base-uncased) and the
+# position_ids / token_type_ids buffers older transformers versions saved (all-MiniLM-L6-v2 has them).
+_IGNORED_KEYS = (r"^cls\.", r"^(bert\.)?embeddings\.(position_ids|token_type_ids)$")
+
+
+@dataclass
+class BertConfig:
+    """The subset of HF's `BertConfig` (config.json keys, same names and defaults) that minilora uses."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+    position_embedding_type: str = "absolute"
+    classifier_dropout: float | None = None
+    num_labels: int = 2
+    problem_type: str | None = None  # "regression" | "single_label_classification" | "multi_label_classification"
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BertConfig:
+        """Read an HF config.json dict; unknown keys are ignored (and kept in `raw`)."""
+        known = {f.name for f in fields(cls)} - {"raw", "num_labels"}
+        config = cls(**{k: v for k, v in d.items() if k in known}, raw=dict(d))
+        # Like HF: the label count comes from id2label when present, else `num_labels`, else 2.
+        if d.get("id2label"):
+            config.num_labels = len(d["id2label"])
+        elif d.get("num_labels") is not None:
+            config.num_labels = int(d["num_labels"])
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"BertConfig: hidden_size ({self.hidden_size}) must be a multiple of "
+                             f"num_attention_heads ({self.num_attention_heads})")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"BertConfig: hidden_act {self.hidden_act!r} is not supported; "
+                             f"expected one of {sorted(ACTIVATIONS)}")
+        if self.position_embedding_type != "absolute":
+            raise ValueError(f"BertConfig: position_embedding_type {self.position_embedding_type!r} is not "
+                             "supported; only 'absolute' is")
+        if self.problem_type not in (None, "regression", "single_label_classification",
+                                     "multi_label_classification"):
+            raise ValueError(f"BertConfig: unknown problem_type {self.problem_type!r}")
+
+
+@dataclass
+class BertModelOutput(ModelOutput):
+    """`ModelOutput` plus BERT's pooled output: tanh(dense(hidden state of the first token))."""
+
+    pooler_output: torch.Tensor | None = None
+
+
+def padding_mask_to_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(batch, seq) 1 = keep / 0 = pad  ->  additive (batch, 1, 1, seq) bias for SDPA (0 or dtype's min)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must have shape (batch, seq_len), got {tuple(attention_mask.shape)}")
+    # finfo.min instead of -inf: a fully padded row then softmaxes to uniform instead of NaN.
+    keep = attention_mask[:, None, None, :].to(torch.bool)
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
+                position_ids: torch.Tensor | None) -> torch.Tensor:
+        seq_len = input_ids.shape[1]
+        max_len = self.position_embeddings.num_embeddings
+        if position_ids is None:
+            if seq_len > max_len:
+                raise ValueError(f"input_ids has {seq_len} tokens but max_position_embeddings is {max_len}")
+            position_ids = torch.arange(seq_len, device=input_ids.device)[None]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+             + self.position_embeddings(position_ids))
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor | None) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            heads(self.query(x)), heads(self.key(x)), heads(self.value(x)), attn_mask=mask_bias,
+            dropout_p=self.dropout_p if self.training else 0.0)
+        return out.transpose(1, 2).reshape(batch, seq_len, -1)
+
+
+class BertSelfOutput(nn.Module):
+    """Projection + dropout + post-norm residual (used after attention)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor | None) -> torch.Tensor:
+        return self.output(self.self(x, mask_bias), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))
+
+
+class BertOutput(nn.Module):
+    """Feed-forward down projection + dropout + post-norm residual."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor | None) -> torch.Tensor:
+        x = self.attention(x, mask_bias)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, mask_bias: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layer:
+            x = run_block(self, layer, x, mask_bias)
+        return x
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden_states[:, 0]))
+
+
+class BertPreTrainedModel(nn.Module):
+    """What every BERT class shares: config handling, init, and the loader's hooks."""
+
+    base_model_prefix = "bert"
+    new_head_prefixes: tuple[str, ...] = ()
+    ignore_unexpected_keys: tuple[str, ...] = _IGNORED_KEYS
+
+    def tied_weight_keys(self) -> list[str]:
+        return []
+
+    def tie_weights(self) -> None:
+        """BERT's encoder-only classes tie nothing."""
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return None
+
+    def init_non_persistent_buffers(self, device: torch.device | str | None = None) -> None:
+        """BERT has no computed buffers (position ids are built per call)."""
+
+    @torch.no_grad()
+    def init_weights(self, module: nn.Module) -> None:
+        """HF's BERT init for a freshly created module (and its children): N(0, initializer_range)."""
+        std = self.config.initializer_range
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, std)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.Embedding):
+                m.weight.normal_(0.0, std)
+                if m.padding_idx is not None:
+                    m.weight[m.padding_idx].zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+
+
+class BertModel(BertPreTrainedModel):
+    """The bare BERT encoder.
+
+    Returns a `BertModelOutput`: `last_hidden_state` (batch, seq, hidden) and, when the model has a pooler
+    (`add_pooling_layer=True`, HF's default), `pooler_output` (batch, hidden).
+    """
+
+    # A task checkpoint (BertForSequenceClassification / QA) loads into the bare encoder minus its head.
+    ignore_unexpected_keys = _IGNORED_KEYS + (r"^classifier\.", r"^qa_outputs\.")
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> BertModelOutput:
+        x = self.embeddings(input_ids, token_type_ids, position_ids)
+        x = self.encoder(x, padding_mask_to_bias(attention_mask, x.dtype))
+        pooled = self.pooler(x) if self.pooler is not None else None
+        return BertModelOutput(last_hidden_state=x, pooler_output=pooled)
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """BERT + dropout + linear classifier on the pooled output. Loss like HF: MSE when num_labels == 1,
+    cross-entropy for integer labels, BCE-with-logits for float multi-label targets (or as `problem_type` says).
+    """
+
+    new_head_prefixes = ("classifier.",)
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.bert.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.classifier
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> ModelOutput:
+        pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids).pooler_output
+        logits = self.classifier(self.dropout(pooled))
+        loss = self.compute_loss(logits, labels) if labels is not None else None
+        return ModelOutput(loss=loss, logits=logits)
+
+    def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        problem = self.config.problem_type
+        if problem is None:
+            if self.num_labels == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        logits = logits.float()
+        if problem == "regression":
+            labels = labels.to(logits.dtype)
+            if self.num_labels == 1:
+                return F.mse_loss(logits.squeeze(), labels.squeeze())
+            return F.mse_loss(logits, labels)
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+class BertForQuestionAnswering(BertPreTrainedModel):
+    """BERT (no pooler) + `qa_outputs` (hidden -> 2): per-token start and end logits.
+
+    Loss like HF: mean of the start and end cross-entropies; positions are clamped to [0, seq_len] and
+    positions at seq_len (i.e. outside the input) are ignored.
+    """
+
+    new_head_prefixes = ("qa_outputs.",)
+    ignore_unexpected_keys = _IGNORED_KEYS + (r"^(bert\.)?pooler\.",)
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.bert.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.qa_outputs
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                start_positions: torch.Tensor | None = None,
+                end_positions: torch.Tensor | None = None) -> ModelOutput:
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
+        start_logits, end_logits = self.qa_outputs(hidden).unbind(dim=-1)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start_logits.shape[1]
+
+            def span_loss(logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                positions = positions.view(-1).clamp(0, ignored)
+                return F.cross_entropy(logits.float(), positions, ignore_index=ignored)
+
+            loss = (span_loss(start_logits, start_positions) + span_loss(end_logits, end_positions)) / 2
+        return ModelOutput(loss=loss, start_logits=start_logits.contiguous(), end_logits=end_logits.contiguous())
