@@ -1,0 +1,584 @@
+"""Load Hugging Face checkpoint folders into minilora models, and save models back in the same format.
+
+Loading builds the model on the meta device (no memory), then walks it module by module, reading each
+tensor from the safetensors file(s) with plain file reads straight into its final buffer, so peak memory
+stays near the size of the finished model and no mmap'ed pages inflate RSS. With `quantize=`, each linear
+layer is quantized as soon as its weight is read: the full-precision model never exists.
+
+The safetensors format: 8-byte little-endian header length N, N bytes of JSON
+{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the raw data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import struct
+import sys
+import warnings
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from minilora.hub import PICKLED_WEIGHT_PATTERNS, pickled_weights_message, resolve_model_dir
+from minilora.models import FAMILIES, model_classes
+
+if TYPE_CHECKING:
+    from minilora.quant import QuantConfig
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000
+# Checkpoint tensors every HF architecture recomputes from the config (old checkpoints saved them).
+ALWAYS_IGNORED_KEYS = (r"(^|\.)position_ids$", r"(^|\.)rotary_emb\.inv_freq$", r"(^|\.)inv_freq$")
+
+if sys.byteorder != "little":  # safetensors data is little-endian and read without byte swapping
+    raise ImportError("minilora.loading needs a little-endian machine")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is truncated or corrupt, or does not match the model it is loaded into."""
+
+
+class SafetensorsFile:
+    """One .safetensors file: header parsed and validated on open, tensors read on demand with `read`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = open(self.path, "rb", buffering=0)  # closed by close() or __exit__
+        try:
+            self._parse_header(os.fstat(self._file.fileno()).st_size)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _parse_header(self, file_size: int) -> None:
+        def corrupt(why: str) -> CheckpointError:
+            return CheckpointError(f"{self.path} is truncated or corrupt: {why}")
+
+        if file_size < 8:
+            raise corrupt(f"the file has {file_size} bytes, fewer than the 8-byte header length")
+        (header_len,) = struct.unpack("<Q", self._file.read(8))
+        if header_len > min(file_size - 8, MAX_HEADER_BYTES):
+            raise corrupt(f"the header claims {header_len} bytes but the file has {file_size} bytes")
+        try:
+            header = json.loads(self._read_exact(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise corrupt(f"the JSON header does not parse ({e})") from e
+        if not isinstance(header, dict):
+            raise corrupt("the JSON header is not an object")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + header_len
+        data_len = file_size - self.data_start
+        for key, info in header.items():
+            try:
+                dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+                if not all(isinstance(v, int) and v >= 0 for v in [*shape, begin, end]):
+                    raise TypeError
+            except (KeyError, TypeError, ValueError) as e:
+                raise corrupt(f"bad header entry for tensor {key!r}: {info!r}") from e
+            if end - begin != math.prod(shape) * dtype.itemsize:
+                raise corrupt(f"tensor {key!r} ({info['dtype']} {shape}) needs {math.prod(shape) * dtype.itemsize} "
+                              f"bytes, but its data offsets are {[begin, end]}")
+            if end > data_len:
+                raise corrupt(f"tensor {key!r} ends at data byte {end} but the file only holds {data_len} "
+                              "data bytes (an interrupted download or copy?)")
+        self.entries: dict[str, dict] = header
+
+    def _read_exact(self, n: int) -> bytes:
+        data = self._file.read(n)
+        if len(data) != n:
+            raise CheckpointError(f"{self.path} is truncated: wanted {n} bytes, got {len(data)}")
+        return data
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> torch.Size:
+        return torch.Size(self.entries[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.entries[key]["dtype"]]
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor `key` as a new CPU tensor in its stored dtype, read with `readinto` (no mmap)."""
+        if key not in self.entries:
+            raise KeyError(f"{self.path} has no tensor {key!r}")
+        begin, end = self.entries[key]["data_offsets"]
+        tensor = torch.empty(self.shape(key), dtype=self.dtype(key))
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        self._file.seek(self.data_start + begin)
+        done = 0
+        while done < end - begin:  # raw reads may return short counts
+            n = self._file.readinto(buffer[done:])
+            if not n:
+                raise CheckpointError(f"{self.path} is truncated: tensor {key!r} stops after {done} of "
+                                      f"{end - begin} bytes")
+            done += n
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file (small files: adapters), moved to `device`."""
+    with SafetensorsFile(path) as f:
+        return {key: f.read(key).to(device) for key in f.keys()}
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` to `path` atomically (temp file in the same folder, then rename), one at a time."""
+    header: dict[str, dict] = {}
+    offset = 0
+    for key, t in tensors.items():
+        if t.dtype not in DTYPE_NAMES:
+            raise ValueError(f"tensor {key!r} has dtype {t.dtype}, which safetensors cannot store")
+        nbytes = t.numel() * t.element_size()
+        header[key] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt", **(metadata or {})}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    path = Path(path)
+    with _atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+@contextmanager
+def _atomic_write(path: Path):
+    """`with _atomic_write(path) as f:` writes a temp file beside `path`, renamed over `path` on success."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class Checkpoint:
+    """The weights of a model folder: `model.safetensors`, or shards listed in `model.safetensors.index.json`."""
+
+    def __init__(self, model_dir: Path):
+        single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
+        self.files: list[SafetensorsFile] = []
+        self.where: dict[str, SafetensorsFile] = {}
+        try:
+            if single.is_file():
+                self.files = [SafetensorsFile(single)]
+                self.where = dict.fromkeys(self.files[0].keys(), self.files[0])
+            elif index.is_file():
+                self._open_shards(index)
+            elif any(any(model_dir.glob(p)) for p in PICKLED_WEIGHT_PATTERNS):
+                raise ValueError(pickled_weights_message(str(model_dir)))
+            else:
+                raise FileNotFoundError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json")
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_shards(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid index: expected JSON with a 'weight_map' object") from e
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (index.parent / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shard file(s) missing from {index.parent}: {', '.join(missing)}")
+        by_name = {}
+        for name in names:
+            by_name[name] = SafetensorsFile(index.parent / name)
+            self.files.append(by_name[name])
+        for key, name in weight_map.items():
+            if key not in by_name[name].entries:
+                raise CheckpointError(f"{index} maps tensor {key!r} to {name}, which does not contain it")
+            self.where[key] = by_name[name]
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def shape(self, key: str) -> torch.Size:
+        return self.where[key].shape(key)
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.where[key].read(key)
+
+    def majority_float_dtype(self) -> torch.dtype | None:
+        counts: dict[torch.dtype, int] = {}
+        for key, f in self.where.items():
+            if f.dtype(key).is_floating_point:
+                counts[f.dtype(key)] = counts.get(f.dtype(key), 0) + self.shape(key).numel()
+        return max(counts, key=counts.get) if counts else None
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def from_pretrained(path_or_id: str | os.PathLike, task: str | None = None, num_labels: int | None = None,
+                    dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+                    revision: str | None = None, quantize: str | QuantConfig | None = None) -> nn.Module:
+    """Load a Hugging Face checkpoint (local folder or hub id) into the matching minilora model class.
+
+    task: "causal-lm" | "seq2seq" | "base" | "sequence-classification" | "question-answering"; None picks
+        it from config.json `architectures`, else the model type's default.
+    num_labels: overrides the config's label count (a fresh classification head is created when the
+        checkpoint has none; a checkpoint head of another size is an error).
+    dtype: dtype of the floating-point weights. None (or "auto") keeps the checkpoint's, like
+        transformers v5: config.json `dtype`/`torch_dtype`, else the dtype most of the stored weights have.
+    device: where the weights are materialised (default CPU), one tensor at a time.
+    quantize: "nf4" | "fp4" | "int8" | a `QuantConfig`: quantize the linear layers while loading (QLoRA).
+        A folder saved from a quantized model (config.json has `quantization_config`) loads quantized
+        without it.
+    Returns the model in eval mode (like transformers), with `model.name_or_path = path_or_id`.
+    """
+    model_dir = resolve_model_dir(path_or_id, revision)
+    config_dict = _read_json(model_dir / "config.json")
+    if num_labels is not None:
+        _set_num_labels(config_dict, num_labels)
+    config_class, model_class = model_classes(config_dict, task)
+    device = torch.device(device if device is not None else "cpu")
+    with Checkpoint(model_dir) as checkpoint:
+        dtype = _resolve_dtype(dtype, config_dict, checkpoint)
+        qconfig, prequantized = _resolve_quantization(quantize, config_dict, dtype)
+        with torch.device("meta"):
+            model = model_class(config_class.from_dict(config_dict))
+        _load_weights(model, checkpoint, config_dict, dtype, device, qconfig, prequantized)
+    model.init_non_persistent_buffers(device)
+    unloaded = [name for name, t in [*model.named_parameters(remove_duplicate=False),
+                                     *model.named_buffers(remove_duplicate=False)] if t.is_meta]
+    if unloaded:
+        raise RuntimeError(f"{model_class.__name__} left tensors unset after loading (a model class bug: "
+                           f"not in the checkpoint, not tied, not computed): {', '.join(unloaded)}")
+    model.name_or_path = str(path_or_id)
+    if qconfig is not None:
+        model.quant_config = qconfig
+    return model.eval()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def _set_num_labels(config_dict: dict, num_labels: int) -> None:
+    if not isinstance(num_labels, int) or num_labels < 1:
+        raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
+    config_dict["num_labels"] = num_labels
+    if len(config_dict.get("id2label") or {}) != num_labels:  # HF names fresh labels LABEL_0, LABEL_1, ...
+        config_dict["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        config_dict["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+
+
+def _resolve_dtype(dtype, config_dict: dict, checkpoint: Checkpoint) -> torch.dtype:
+    if dtype in (None, "auto"):
+        dtype = config_dict.get("dtype") or config_dict.get("torch_dtype") or checkpoint.majority_float_dtype()
+        if dtype is None:
+            return torch.get_default_dtype()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype (or its name, or 'auto'), got {dtype!r}")
+    return dtype
+
+
+def _resolve_quantization(quantize, config_dict: dict, dtype: torch.dtype):
+    """(QuantConfig or None, whether the checkpoint already holds quantized weights)."""
+    saved = config_dict.get("quantization_config")
+    if quantize is None and saved is None:
+        return None, False
+    from minilora import quant
+
+    requested = quant.resolve_quant_config(quantize, dtype)
+    if saved is None:
+        return requested, False
+    qconfig = quant.resolve_quant_config(quant.quant_config_from_dict(saved), dtype)  # fills compute_dtype
+    if requested is not None and requested.quant_type != qconfig.quant_type:
+        raise ValueError(f"the checkpoint is already quantized as {qconfig.quant_type} (config.json "
+                         f"quantization_config) but quantize={quantize!r} asks for {requested.quant_type}: "
+                         "drop the quantize argument")
+    return qconfig, True
+
+
+def _match_keys(model: nn.Module, checkpoint_keys: Iterable[str], model_keys: set[str], saved_architectures: list[str],
+                loose_prefixes: tuple[str, ...] = ()) -> tuple[dict[str, str], list[str], list[str]]:
+    """Map checkpoint keys to model keys: ({model key: checkpoint key}, dropped head keys, unexpected keys).
+
+    A checkpoint of the bare base model (no `base_model_prefix.`) loads into a task class, and a task
+    checkpoint into the base model. Tensors of another class's head (e.g. `cls.*` of BertForPreTraining)
+    are dropped with a warning; anything else unknown is unexpected.
+    """
+    prefix = model.base_model_prefix + "."
+    is_task_model = isinstance(getattr(model, model.base_model_prefix, None), nn.Module)
+    prefixed = any(k.startswith(prefix) for k in checkpoint_keys)
+    ignored = [re.compile(p) for p in (*model.ignore_unexpected_keys, *ALWAYS_IGNORED_KEYS)]
+    from_other_class = bool(saved_architectures) and type(model).__name__ not in saved_architectures
+
+    def outside_base(key: str, target: str) -> bool:
+        return not target.startswith(prefix) if is_task_model else prefixed and not key.startswith(prefix)
+
+    mapping, dropped, unexpected = {}, [], []
+    for key in checkpoint_keys:
+        target = key
+        if is_task_model and not prefixed and key not in model_keys:
+            target = prefix + key
+        elif not is_task_model and prefixed and key.startswith(prefix):
+            target = key[len(prefix):]
+        if target in model_keys or target.startswith(loose_prefixes):
+            mapping[target] = key
+        elif any(p.search(key) or p.search(target) for p in ignored):
+            continue
+        elif from_other_class and outside_base(key, target):
+            dropped.append(key)
+        else:
+            unexpected.append(key)
+    return mapping, dropped, unexpected
+
+
+def _load_weights(model: nn.Module, checkpoint: Checkpoint, config_dict: dict, dtype: torch.dtype,
+                  device: torch.device, qconfig, prequantized: bool) -> None:
+    """Check the checkpoint against the meta model, then materialise it module by module."""
+    state = model.state_dict(keep_vars=True)  # meta tensors: names, shapes, and which buffers persist
+    linears = {path for path, m in model.named_modules() if isinstance(m, nn.Linear)}
+    # A pre-quantized layer stores other tensors (weight.absmax, SCB, ...): accept anything under a linear layer.
+    mapping, dropped, unexpected = _match_keys(model, checkpoint.keys(), set(state),
+                                               config_dict.get("architectures") or [],
+                                               tuple(p + "." for p in linears) if prequantized else ())
+    quantized = _quantized_paths(model, qconfig, prequantized, mapping, linears)
+    packed = tuple(p + "." for p in quantized) if prequantized else ()
+    unexpected += [mapping.pop(k) for k in [k for k in mapping if k not in state and not k.startswith(packed)]]
+    tied = set(model.tied_weight_keys())
+    missing = [k for k in state if k not in mapping and k not in tied and not k.startswith(packed)]
+    new_head = [k for k in missing if model.new_head_prefixes and k.startswith(tuple(model.new_head_prefixes))]
+    _check_keys(model, checkpoint, state, mapping, [k for k in missing if k not in new_head], unexpected, packed)
+    where = checkpoint.files[0].path.parent
+    if dropped:
+        warnings.warn(f"{where}: ignored tensors of a head {type(model).__name__} does not have: {_names(dropped)}",
+                      stacklevel=3)
+    if new_head:
+        warnings.warn(f"{where}: these {type(model).__name__} weights are not in the checkpoint and were newly "
+                      f"initialised (train them before use): {_names(new_head)}", stacklevel=3)
+
+    def materialise(module: nn.Module, name: str, value: torch.Tensor) -> None:
+        if name in module._parameters:
+            grad = module._parameters[name].requires_grad and value.is_floating_point()
+            module._parameters[name] = nn.Parameter(value, requires_grad=grad)
+        else:
+            module._buffers[name] = value
+
+    for path, module in list(model.named_modules()):  # parents first: a new head is set up before its children
+        if path in quantized:
+            layer = _load_quantized(module, path, mapping, checkpoint, qconfig, prequantized, dtype, device)
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent), name, layer)
+            continue
+        prefix = path + "." if path else ""
+        own = {n: t for n, t in [*module._parameters.items(), *module._buffers.items()]
+               if t is not None and prefix + n in state}
+        if any(prefix + n in new_head for n in own):
+            for n, t in own.items():
+                materialise(module, n, torch.empty(t.shape, device=device,
+                                                   dtype=dtype if t.is_floating_point() else t.dtype))
+            with torch.no_grad():
+                model.init_weights(module)
+        for n in own:
+            if prefix + n in mapping:  # tied copies too: tie_weights() decides (T5 keeps a differing lm_head)
+                value = checkpoint.read(mapping[prefix + n])
+                materialise(module, n, value.to(device, dtype if value.is_floating_point() else value.dtype))
+    model.tie_weights()
+
+
+def _quantized_paths(model: nn.Module, qconfig, prequantized: bool, mapping: dict[str, str],
+                     linears: set[str]) -> set[str]:
+    """Linear layers to load quantized: the checkpoint's packed ones, else those `quantize` selects."""
+    if qconfig is None:
+        return set()
+    from minilora import quant
+
+    if not prequantized:
+        modules = dict(model.named_modules())
+        return {p for p in linears if quant.should_quantize(p, modules[p], qconfig, model)}
+    names: dict[str, list[str]] = {}  # linear layer -> its tensor names in the checkpoint
+    for key in mapping:
+        path = key.rpartition(".")[0]
+        while path and path not in linears:
+            path = path.rpartition(".")[0]
+        if path:
+            names.setdefault(path, []).append(key[len(path) + 1:])
+    return {p for p, n in names.items() if quant.is_quantized_in_checkpoint(n)}
+
+
+def _check_keys(model: nn.Module, checkpoint: Checkpoint, state: dict, mapping: dict[str, str],
+                missing: list[str], unexpected: list[str], packed: tuple[str, ...]) -> None:
+    """One error listing every missing, unexpected and wrongly shaped tensor (before anything is read)."""
+    problems = []
+    if missing:
+        problems.append(f"missing from the checkpoint: {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected in the checkpoint (no such {type(model).__name__} tensor): {_names(unexpected)}")
+    shapes = [(k, tuple(checkpoint.shape(ck)), tuple(state[k].shape)) for k, ck in mapping.items()
+              if k in state and not k.startswith(packed) and checkpoint.shape(ck) != state[k].shape]
+    if shapes:
+        problems.append("wrong shape: " + "; ".join(f"{k} is {c} in the checkpoint, {m} in the model"
+                                                    for k, c, m in shapes))
+        head = tuple(model.new_head_prefixes)
+        if head and any(k.startswith(head) for k, _, _ in shapes):
+            problems.append("the checkpoint's task head has another size: a different num_labels? Pass the "
+                            "checkpoint's num_labels, or start from a checkpoint without this head")
+    if problems:
+        raise CheckpointError(f"{checkpoint.files[0].path.parent} does not fit {type(model).__name__}: "
+                              + ". ".join(problems))
+
+
+def _load_quantized(module: nn.Linear, path: str, mapping: dict[str, str], checkpoint: Checkpoint, qconfig,
+                    prequantized: bool, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    from minilora import quant
+
+    prefix = path + "."
+    if prequantized:  # packed weights + quantization state exactly as save_pretrained wrote them
+        tensors = {k[len(prefix):]: checkpoint.read(ck) for k, ck in mapping.items() if k.startswith(prefix)}
+        return quant.load_prequantized_linear(tensors, module.in_features, module.out_features, qconfig, device,
+                                              prefix=prefix)
+    weight = checkpoint.read(mapping[prefix + "weight"]).to(device, dtype)
+    bias = checkpoint.read(mapping[prefix + "bias"]).to(device, dtype) if module.bias is not None else None
+    return quant.quantize_linear(weight, bias, qconfig, device)
+
+
+def _names(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, max_shard_size: int | str = "2GB") -> Path:
+    """Write `model` as a Hugging Face folder: config.json + model.safetensors (or shards + index).
+
+    transformers' `AutoModelFor*.from_pretrained(out_dir)` loads the result. Tied tensors are stored once
+    (e.g. no lm_head.weight when tied to the embeddings); a quantized model is written packed, with its
+    `quantization_config`. Every file is written to a temp file and renamed, so readers never see half a
+    file; weight files of an earlier save in the same folder are removed. Returns the folder.
+    """
+    lora = [name for name, _ in model.named_parameters() if "lora_A" in name]
+    if lora:
+        raise ValueError(f"the model still has LoRA layers ({_names(lora, 3)}): call ml.merge_and_unload(model) "
+                         "first to save a full model, or ml.save_adapter(model, dir) to save only the adapter")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = _tensors_to_save(model)
+    shards = _split_into_shards(tensors, _parse_size(max_shard_size))
+    if len(shards) == 1:
+        written = ["model.safetensors"]
+        save_safetensors(shards[0], out / written[0])
+    else:
+        written = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        for name, shard in zip(written, shards, strict=True):
+            save_safetensors(shard, out / name)
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map = {key: name for name, shard in zip(written, shards, strict=True) for key in shard}
+        _write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, out / "model.safetensors.index.json")
+        written.append("model.safetensors.index.json")
+    for stale in [*out.glob("model.safetensors*"), *out.glob("model-*-of-*.safetensors")]:
+        if stale.name not in written:
+            stale.unlink()
+    _write_json(_config_to_save(model), out / "config.json")
+    return out
+
+
+def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    unset = [k for k, t in state.items() if t.is_meta]
+    if unset:
+        raise ValueError(f"cannot save tensors that were never materialised (meta): {_names(unset)}")
+    tied = set(model.tied_weight_keys()) if hasattr(model, "tied_weight_keys") else set()
+    kept = {t.untyped_storage().data_ptr() for k, t in state.items() if k not in tied}
+    # A tied tensor is dropped only when it really shares memory with one that is written.
+    return {k: t for k, t in state.items() if k not in tied or t.untyped_storage().data_ptr() not in kept}
+
+
+def _split_into_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Greedy, in state-dict order; a tensor larger than max_bytes gets a shard of its own."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    return shards
+
+
+def _parse_size(size: int | str) -> int:
+    """Bytes in "2GB" / "500MB" / "200KB" (powers of 10) or "1GiB" / "10MiB" (powers of 2), or an int."""
+    if isinstance(size, int) and size > 0:
+        return size
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]I?B|B)\s*", str(size).upper())
+    if not match or int(match[1]) <= 0:
+        raise ValueError(f"max_shard_size must be a positive int or a size like '2GB' / '500MB', got {size!r}")
+    return int(match[1]) * units[match[2]]
+
+
+def _config_to_save(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    raw = dict(getattr(config, "raw", None) or {})
+    if not raw and dataclasses.is_dataclass(config):  # built by hand, not loaded: its fields use HF's names
+        raw = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "raw"}
+    if not raw:
+        raise ValueError(f"{type(model).__name__}.config is not a minilora config with a `raw` config.json dict")
+    raw.setdefault("model_type", next((t for t, f in FAMILIES.items() if f.config_class == type(config).__name__),
+                                      None))
+    raw["architectures"] = [type(model).__name__]
+    num_labels = getattr(config, "num_labels", None)
+    if num_labels is not None and "id2label" in raw and len(raw["id2label"]) != num_labels:
+        _set_num_labels(raw, num_labels)
+    floats: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            floats[p.dtype] = floats.get(p.dtype, 0) + p.numel()
+    if floats:  # both keys: transformers v5 reads `dtype`, v4 `torch_dtype`
+        raw["dtype"] = raw["torch_dtype"] = str(max(floats, key=floats.get)).removeprefix("torch.")
+    qconfig = getattr(model, "quant_config", None)
+    raw.pop("quantization_config", None)
+    if qconfig is not None:
+        from minilora import quant
+
+        raw["quantization_config"] = quant.quant_config_to_dict(qconfig, model)
+    return raw
+
+
+def _write_json(data: dict, path: Path) -> None:
+    with _atomic_write(path) as f:
+        f.write((json.dumps(data, indent=2, default=str) + "\n").encode())

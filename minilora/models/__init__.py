@@ -1,0 +1,104 @@
+"""Which minilora class implements a checkpoint: config.json's `model_type` + a task -> (config, model) class.
+
+Model modules are imported only when a class is asked for, so `import minilora` stays cheap.
+`from minilora.models import LlamaForCausalLM` works too (resolved lazily through `__getattr__`).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    module: str             # where the classes live
+    config_class: str
+    tasks: dict[str, str]   # task -> model class name
+    default_task: str
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    "llama": ModelFamily("minilora.models.llama", "LlamaConfig", {"causal-lm": "LlamaForCausalLM"}, "causal-lm"),
+    "bert": ModelFamily(
+        "minilora.models.bert",
+        "BertConfig",
+        {
+            "base": "BertModel",
+            "sequence-classification": "BertForSequenceClassification",
+            "question-answering": "BertForQuestionAnswering",
+        },
+        "base",
+    ),
+    "t5": ModelFamily("minilora.models.t5", "T5Config", {"seq2seq": "T5ForConditionalGeneration"}, "seq2seq"),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+# HF class names found in config.json "architectures" -> minilora task. Heads minilora lacks (masked LM,
+# pre-training) map to the base model: their extra head tensors are dropped with a warning on load.
+ARCHITECTURE_TASKS = {
+    "LlamaForCausalLM": "causal-lm",
+    "LlamaModel": "causal-lm",
+    "BertModel": "base",
+    "BertForMaskedLM": "base",
+    "BertForPreTraining": "base",
+    "BertForSequenceClassification": "sequence-classification",
+    "BertForQuestionAnswering": "question-answering",
+    "T5ForConditionalGeneration": "seq2seq",
+    "T5WithLMHeadModel": "seq2seq",
+    "T5Model": "seq2seq",
+}
+
+# Other spellings users reach for (peft TaskType values, pipeline names) -> canonical task.
+TASK_ALIASES = {
+    "causal-lm": "causal-lm",
+    "text-generation": "causal-lm",
+    "seq2seq": "seq2seq",
+    "seq-2-seq-lm": "seq2seq",
+    "seq2seq-lm": "seq2seq",
+    "text2text-generation": "seq2seq",
+    "base": "base",
+    "feature-extraction": "base",
+    "sequence-classification": "sequence-classification",
+    "seq-cls": "sequence-classification",
+    "text-classification": "sequence-classification",
+    "question-answering": "question-answering",
+    "question-ans": "question-answering",
+    "qa": "question-answering",
+}
+
+
+def model_family(model_type: str | None) -> ModelFamily:
+    """The registry entry for a config.json `model_type`; ValueError listing the supported ones otherwise."""
+    if model_type not in FAMILIES:
+        raise ValueError(f"unsupported model_type {model_type!r} in config.json: minilora supports "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    return FAMILIES[model_type]
+
+
+def resolve_task(config_dict: dict, task: str | None = None) -> str:
+    """The task to build: `task` if given, else from config.json `architectures`, else the type's default."""
+    family = model_family(config_dict.get("model_type"))
+    if task is not None:
+        canonical = TASK_ALIASES.get(task.strip().lower().replace("_", "-"))
+        if canonical not in family.tasks:
+            raise ValueError(f"task {task!r} is not available for model_type {config_dict['model_type']!r}: "
+                             f"choose one of {', '.join(family.tasks)}")
+        return canonical
+    for architecture in config_dict.get("architectures") or []:
+        if ARCHITECTURE_TASKS.get(architecture) in family.tasks:
+            return ARCHITECTURE_TASKS[architecture]
+    return family.default_task
+
+
+def model_classes(config_dict: dict, task: str | None = None) -> tuple[type, type]:
+    """(config class, model class) for a config.json dict and an optional task."""
+    family = model_family(config_dict.get("model_type"))
+    module = importlib.import_module(family.module)
+    return getattr(module, family.config_class), getattr(module, family.tasks[resolve_task(config_dict, task)])
+
+
+def __getattr__(name: str):
+    for family in FAMILIES.values():
+        if name == family.config_class or name in family.tasks.values():
+            return getattr(importlib.import_module(family.module), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

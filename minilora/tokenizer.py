@@ -1,0 +1,566 @@
+"""Tokenizer: a `tokenizers.Tokenizer` (tokenizer.json) plus Hugging Face's special-token config.
+
+`load_tokenizer(folder_or_hub_id)` reads tokenizer.json, tokenizer_config.json, special_tokens_map.json
+and chat_template.jinja, and returns a `Tokenizer` whose call, encode, decode and apply_chat_template
+follow transformers' API and give the same ids. The Rust `tokenizers` library does the real work; this
+module only sets truncation/padding per call, knows the special tokens and renders chat templates.
+One deliberate difference from transformers: text that already starts with the BOS string (Llama-2 chat
+data, "<s>[INST] ...") does not get a second BOS.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tokenizers
+    import torch
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+NO_MAX_LENGTH = int(1e30)  # transformers' model_max_length when the config gives none
+_UNLIMITED = int(1e20)  # a model_max_length above this means "no limit" (transformers' LARGE_INTEGER)
+# Tokenizer classes of models with segment embeddings, i.e. that take token_type_ids.
+_SEGMENT_ID_CLASSES = {"BertTokenizer", "ElectraTokenizer", "MobileBertTokenizer", "ConvBertTokenizer",
+                       "SqueezeBertTokenizer", "LayoutLMTokenizer", "FunnelTokenizer"}
+_GENERIC_CLASSES = {"", "PreTrainedTokenizer", "TokenizersBackend"}
+_TRUNCATION = {False: None, "do_not_truncate": None, True: "longest_first", "longest_first": "longest_first",
+               "only_first": "only_first", "only_second": "only_second"}
+_PADDING = {False: None, "do_not_pad": None, True: "longest", "longest": "longest", "max_length": "max_length"}
+
+
+def load_tokenizer(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> Tokenizer:
+    """Load the tokenizer of a local folder or a hub repo id (only the tokenizer files are downloaded)."""
+    from .hub import _as_local_dir, _snapshot
+
+    folder = _as_local_dir(path_or_hub_id)
+    if folder is None:
+        folder = _snapshot(str(path_or_hub_id), "model", revision, TOKENIZER_FILES)
+    return Tokenizer.from_folder(folder)
+
+
+class BatchEncoding(dict):
+    """The dict a `Tokenizer` call returns, plus per-row access to the underlying encodings."""
+
+    def __init__(self, data: dict[str, Any], encodings: list[tokenizers.Encoding]):
+        super().__init__(data)
+        self.encodings = encodings
+
+    def sequence_ids(self, batch_index: int = 0) -> list[int | None]:
+        """Per token: 0 for the first text, 1 for the pair text, None for special and padding tokens."""
+        return self.encodings[batch_index].sequence_ids
+
+    def tokens(self, batch_index: int = 0) -> list[str]:
+        return self.encodings[batch_index].tokens
+
+    def to(self, device: str | torch.device) -> BatchEncoding:
+        """Move every tensor to `device` (in place; returns self)."""
+        for key, value in self.items():
+            if hasattr(value, "to"):
+                self[key] = value.to(device)
+        return self
+
+
+class Tokenizer:
+    """A tokenizer with transformers' calling conventions; build it with `load_tokenizer`."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, config: dict[str, Any] | None = None,
+                 chat_template: str | None = None, name: str = ""):
+        config = dict(config or {})
+        self._tk = backend
+        # tokenizer.json may carry default truncation/padding; like transformers we set both on every call.
+        self._tk.no_truncation()
+        self._tk.no_padding()
+        self._tk.encode_special_tokens = bool(config.get("split_special_tokens", False))
+        self.name = name
+        self.model_max_length = int(config.get("model_max_length") or NO_MAX_LENGTH)
+        self.padding_side = config.get("padding_side", "right")
+        self.truncation_side = config.get("truncation_side", "right")
+        self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        self.chat_template = chat_template or _default_template(config.get("chat_template"))
+        self._special = {key: _token_content(config.get(key)) for key in SPECIAL_TOKEN_NAMES}
+        self._register_special_tokens(config)
+        self._apply_bos_eos_flags(config)
+        processor = _processor_config(self._tk)
+        self.returns_token_type_ids = _returns_token_type_ids(config, processor)
+        without_bos = _drop_leading_token(processor, self.bos_token_id)
+        self._no_bos_processor = _build_processor(without_bos) if without_bos is not None else None
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> Tokenizer:
+        """Read tokenizer.json and the optional tokenizer_config.json, special_tokens_map.json and
+        chat_template.jinja of `folder`."""
+        import tokenizers
+
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(_missing_tokenizer_json_message(folder))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust parser raises a bare Exception
+            raise ValueError(f"{path} is not a valid `tokenizers` file: {e}") from e
+        config = _read_json_object(folder / "tokenizer_config.json")
+        special_map = _read_json_object(folder / "special_tokens_map.json")
+        config.update({k: v for k, v in special_map.items() if v is not None})
+        template_file = folder / "chat_template.jinja"
+        template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
+        return cls(backend, config, chat_template=template, name=str(folder))
+
+    # ---- special tokens -------------------------------------------------------------------------------------
+    bos_token = property(lambda self: self._special["bos_token"])
+    eos_token = property(lambda self: self._special["eos_token"])
+    unk_token = property(lambda self: self._special["unk_token"])
+    sep_token = property(lambda self: self._special["sep_token"])
+    cls_token = property(lambda self: self._special["cls_token"])
+    mask_token = property(lambda self: self._special["mask_token"])
+    bos_token_id = property(lambda self: self._id_of(self.bos_token))
+    eos_token_id = property(lambda self: self._id_of(self.eos_token))
+    unk_token_id = property(lambda self: self._id_of(self.unk_token))
+    sep_token_id = property(lambda self: self._id_of(self.sep_token))
+    cls_token_id = property(lambda self: self._id_of(self.cls_token))
+    mask_token_id = property(lambda self: self._id_of(self.mask_token))
+
+    @property
+    def pad_token(self) -> str | None:
+        return self._special["pad_token"]
+
+    @pad_token.setter
+    def pad_token(self, token: str | None) -> None:
+        if token is not None and self._tk.token_to_id(token) is None:
+            raise ValueError(f"pad_token {token!r} is not in the vocabulary of {self.name or 'this tokenizer'}; "
+                             f"use an existing token, e.g. `tok.pad_token = tok.eos_token` ({self.eos_token!r})")
+        self._special["pad_token"] = token
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._id_of(self.pad_token)
+
+    @pad_token_id.setter
+    def pad_token_id(self, token_id: int | None) -> None:
+        token = None if token_id is None else self._tk.id_to_token(int(token_id))
+        if token_id is not None and token is None:
+            raise ValueError(f"pad_token_id {token_id} is outside the vocabulary (size {len(self)})")
+        self.pad_token = token
+
+    @property
+    def padding_side(self) -> str:
+        return self._padding_side
+
+    @padding_side.setter
+    def padding_side(self, side: str) -> None:
+        if side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {side!r}")
+        self._padding_side = side
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        return {key: value for key, value in self._special.items() if value is not None}
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """Ids of every token flagged special (the ones `skip_special_tokens` drops)."""
+        return sorted(i for i, t in self._tk.get_added_tokens_decoder().items() if t.special)
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the base vocabulary, without added tokens (as transformers' `vocab_size`)."""
+        return self._tk.get_vocab_size(with_added_tokens=False)
+
+    def __len__(self) -> int:
+        return self._tk.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._tk.get_vocab(with_added_tokens=True)
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | None | list[int | None]:
+        if isinstance(tokens, str):
+            return self._id_of(tokens)
+        return [self._id_of(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids: int | list[int]) -> str | None | list[str | None]:
+        if isinstance(ids, int):
+            return self._tk.id_to_token(ids)
+        return [self._tk.id_to_token(int(i)) for i in ids]
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, vocab={len(self)}, special={self.special_tokens_map})"
+
+    # ---- encoding ---------------------------------------------------------------------------------------------
+    def __call__(self, text: str | list[str], text_pair: str | list[str] | None = None, *,
+                 add_special_tokens: bool = True, max_length: int | None = None,
+                 truncation: bool | str | None = None, padding: bool | str = False, stride: int = 0,
+                 pad_to_multiple_of: int | None = None, return_overflowing_tokens: bool = False,
+                 return_offsets_mapping: bool = False, return_token_type_ids: bool | None = None,
+                 return_tensors: str | None = None) -> BatchEncoding:
+        """Encode one text (flat lists) or a batch (lists of lists), optionally with pair texts.
+
+        truncation: False | True (= "longest_first") | "longest_first" | "only_first" | "only_second";
+        None (default) truncates only when max_length is given without padding, as in transformers.
+        padding: False | True (= "longest") | "max_length" (max_length, else model_max_length).
+        return_overflowing_tokens with stride: truncated-away tokens become extra rows, each overlapping
+        the previous one by `stride` tokens; "overflow_to_sample_mapping" gives each row's input index.
+        return_tensors: None for python lists, "pt" for torch tensors (always batched).
+        """
+        batched = not isinstance(text, str)
+        texts, pairs = _check_texts(text, text_pair, batched)
+        if truncation is None:
+            truncation = max_length is not None and padding is False
+        strategy, pad_mode = _option(truncation, _TRUNCATION, "truncation"), _option(padding, _PADDING, "padding")
+        if strategy is not None and max_length is None:
+            limited = self.model_max_length <= _UNLIMITED
+            strategy, max_length = (strategy, self.model_max_length) if limited else (None, None)
+        if pad_mode is not None and self.pad_token_id is None:
+            raise ValueError(f"{self.name or 'this tokenizer'} has no pad token, so it cannot pad; set one first, "
+                             f"e.g. `tok.pad_token = tok.eos_token` ({self.eos_token!r})")
+        if strategy is None:
+            self._tk.no_truncation()
+        else:
+            self._tk.enable_truncation(max_length, stride=stride, strategy=strategy, direction=self.truncation_side)
+        try:
+            encodings = self._encode_batch(texts, pairs, add_special_tokens)
+        except Exception as e:  # tokenizers' truncation errors are bare Exceptions
+            raise ValueError(f"could not encode with truncation={truncation!r}, max_length={max_length}, "
+                             f"stride={stride}: {e}") from e
+        finally:
+            self._tk.no_truncation()
+        self._pad(encodings, pad_mode, max_length, pad_to_multiple_of)
+
+        rows, sample_of_row = [], []
+        for i, encoding in enumerate(encodings):
+            extra = encoding.overflowing if return_overflowing_tokens else []
+            rows += [encoding, *extra]
+            sample_of_row += [i] * (1 + len(extra))
+        data: dict[str, Any] = {"input_ids": [r.ids for r in rows], "attention_mask": [r.attention_mask for r in rows]}
+        if self.returns_token_type_ids if return_token_type_ids is None else return_token_type_ids:
+            data["token_type_ids"] = [r.type_ids for r in rows]
+        if return_offsets_mapping:
+            data["offset_mapping"] = [r.offsets for r in rows]
+        if return_overflowing_tokens:
+            data["overflow_to_sample_mapping"] = sample_of_row
+        if return_tensors is not None:
+            data = _to_tensors(data, return_tensors)
+        elif not batched and not return_overflowing_tokens:
+            data = {key: value[0] for key, value in data.items()}
+        return BatchEncoding(data, rows)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of one text."""
+        return self(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def decode(self, ids: int | list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        """Text of a sequence of token ids (a list or a 1-D tensor)."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        ids = [ids] if isinstance(ids, int) else [int(i) for i in ids]
+        text = self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
+        # As in transformers, this old WordPiece-era cleanup is never applied to BPE vocabularies.
+        if self.clean_up_tokenization_spaces and type(self._tk.model).__name__ != "BPE":
+            for before, after in _CLEAN_UP:
+                text = text.replace(before, after)
+        return text
+
+    def batch_decode(self, batch: list[list[int]] | torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in batch]
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            tokenize: bool = False) -> str | list[int]:
+        """Render a conversation ([{"role": ..., "content": ...}, ...]) with the model's chat template.
+
+        Uses jinja2 (sandboxed, as transformers) when it is installed, else a built-in renderer for the
+        ChatML and Llama-2 [INST] formats. tokenize=True returns ids; the template writes any special tokens.
+        """
+        if not self.chat_template:
+            raise ValueError(f"{self.name or 'this tokenizer'} has no chat_template (neither chat_template.jinja "
+                             "nor a 'chat_template' key in tokenizer_config.json)")
+        text = render_chat(self.chat_template, messages, add_generation_prompt, self.special_tokens_map)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    # ---- internals ----------------------------------------------------------------------------------------------
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self._tk.token_to_id(token)
+
+    def _encode_batch(self, texts: list[str], pairs: list[str] | None,
+                      add_special_tokens: bool) -> list[tokenizers.Encoding]:
+        inputs = texts if pairs is None else list(zip(texts, pairs, strict=True))
+        starts_with_bos = [bool(self.bos_token) and t.startswith(self.bos_token) for t in texts]
+        if not (add_special_tokens and self._no_bos_processor is not None and any(starts_with_bos)):
+            return self._tk.encode_batch(inputs, add_special_tokens=add_special_tokens)
+        # Texts that already start with BOS are encoded with a post-processor that does not add one.
+        plain = [i for i, has_bos in enumerate(starts_with_bos) if not has_bos]
+        with_bos = [i for i, has_bos in enumerate(starts_with_bos) if has_bos]
+        encodings: list[Any] = [None] * len(inputs)
+        for i, encoding in zip(plain, self._tk.encode_batch([inputs[i] for i in plain]), strict=True):
+            encodings[i] = encoding
+        usual_processor, self._tk.post_processor = self._tk.post_processor, self._no_bos_processor
+        try:
+            for i, encoding in zip(with_bos, self._tk.encode_batch([inputs[i] for i in with_bos]), strict=True):
+                encodings[i] = encoding
+        finally:
+            self._tk.post_processor = usual_processor
+        return encodings
+
+    def _pad(self, encodings: list[tokenizers.Encoding], mode: str | None, max_length: int | None,
+             multiple_of: int | None) -> None:
+        if mode is None or not encodings:
+            return
+        if mode == "longest":
+            length = max(len(e.ids) for e in encodings)
+        else:
+            length = max_length if max_length is not None else self.model_max_length
+            if length > _UNLIMITED:
+                raise ValueError("padding='max_length' needs max_length: this tokenizer has no model_max_length")
+        if multiple_of:
+            length = -(-length // multiple_of) * multiple_of
+        for encoding in encodings:  # pads the overflowing rows too
+            encoding.pad(length, direction=self.padding_side, pad_id=self.pad_token_id, pad_type_id=0,
+                         pad_token=self.pad_token)
+
+    def _register_special_tokens(self, config: dict[str, Any]) -> None:
+        """Make every token the config names special (as transformers does), keeping tokenizer.json's flags."""
+        from tokenizers import AddedToken
+
+        declared = config.get("added_tokens_decoder")
+        wanted = [t for t in declared.values() if isinstance(t, dict)] if isinstance(declared, dict) else []
+        extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
+        extra = list(extra.values()) if isinstance(extra, dict) else list(extra)
+        for token in [*(self._special[key] for key in SPECIAL_TOKEN_NAMES), *extra]:
+            if isinstance(token, dict):
+                wanted.append({**token, "special": True})
+            elif isinstance(token, str):
+                wanted.append({"content": token, "special": True, "normalized": False})
+        added = {t.content: t for t in self._tk.get_added_tokens_decoder().values()}
+        flag_names = ("single_word", "lstrip", "rstrip", "normalized")
+        for spec in wanted:
+            have = added.get(spec["content"])
+            if have is not None and (have.special or not spec.get("special")):
+                continue
+            flags = {k: getattr(have, k) if have is not None else spec[k] for k in flag_names
+                     if have is not None or k in spec}
+            token = AddedToken(spec["content"], **flags, special=bool(spec.get("special")))
+            self._tk.add_special_tokens([token]) if token.special else self._tk.add_tokens([token])
+            added[token.content] = token
+
+    def _apply_bos_eos_flags(self, config: dict[str, Any]) -> None:
+        """Honour add_bos_token / add_eos_token from tokenizer_config.json when tokenizer.json disagrees."""
+        if "add_bos_token" not in config and "add_eos_token" not in config:
+            return
+        bos, eos, bos_id, eos_id = self.bos_token, self.eos_token, self.bos_token_id, self.eos_token_id
+        ids = self._tk.encode("", add_special_tokens=True).ids
+        adds_bos, adds_eos = bos_id is not None and ids[:1] == [bos_id], eos_id is not None and ids[-1:] == [eos_id]
+        want_bos = bool(config.get("add_bos_token", adds_bos)) and bos_id is not None
+        want_eos = bool(config.get("add_eos_token", adds_eos)) and eos_id is not None
+        if (want_bos, want_eos) == (adds_bos, adds_eos):
+            return
+        from tokenizers import processors
+
+        single = f"{bos + ':0 ' if want_bos else ''}$A:0{' ' + eos + ':0' if want_eos else ''}"
+        pair = f"{single}{' ' + bos + ':1' if want_bos else ''} $B:1{' ' + eos + ':1' if want_eos else ''}"
+        specials = [(bos, bos_id)] * want_bos + [(eos, eos_id)] * want_eos
+        template = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+        current = self._tk.post_processor
+        if current is None or current.num_special_tokens_to_add(False) > 0:
+            self._tk.post_processor = template
+        else:  # keep e.g. ByteLevel's offset trimming
+            self._tk.post_processor = processors.Sequence([current, template])
+
+
+_CLEAN_UP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
+
+
+def _check_texts(text: Any, text_pair: Any, batched: bool) -> tuple[list[str], list[str] | None]:
+    texts = list(text) if batched else [text]
+    pairs = None if text_pair is None else (list(text_pair) if batched else [text_pair])
+    if not all(isinstance(t, str) for t in texts):
+        raise TypeError("text must be a str or a list of str, got " + type(text).__name__)
+    if pairs is not None:
+        if (not batched and not isinstance(text_pair, str)) or not all(isinstance(t, str) for t in pairs):
+            raise TypeError("text_pair must be a str for a str text, or a list of str for a list of texts")
+        if len(pairs) != len(texts):
+            raise ValueError(f"text has {len(texts)} items but text_pair has {len(pairs)}")
+    return texts, pairs
+
+
+def _option(value: Any, choices: dict, argument: str) -> str | None:
+    if isinstance(value, (bool, str)) and value in choices:
+        return choices[value]
+    raise ValueError(f"{argument} must be one of {list(choices)}, got {value!r}")
+
+
+def _to_tensors(data: dict[str, Any], return_tensors: str) -> dict[str, Any]:
+    if return_tensors != "pt":
+        raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+    import torch
+
+    lengths = {len(row) for key, rows in data.items() if key != "overflow_to_sample_mapping" for row in rows}
+    if len(lengths) > 1:
+        raise ValueError(f"sequences have different lengths {sorted(lengths)}, so they cannot be stacked into a "
+                         "tensor: pass padding=True (or padding='max_length')")
+    return {key: torch.tensor(value, dtype=torch.long) for key, value in data.items()}
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token from config: a string or an AddedToken dict ({"content": ...})."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _default_template(value: Any) -> str | None:
+    """tokenizer_config's chat_template: a string, or a list of {"name", "template"} with a "default"."""
+    if isinstance(value, list):
+        value = {t.get("name"): t.get("template") for t in value}.get("default")
+    return value if isinstance(value, str) else None
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _missing_tokenizer_json_message(folder: Path) -> str:
+    if not folder.is_dir():
+        return f"tokenizer folder {folder} does not exist"
+    sentencepiece = sorted(p.name for p in folder.glob("*.model"))
+    found = f"only the sentencepiece model {sentencepiece}" if sentencepiece else (
+        "no tokenizer files" + (f" (it has {sorted(p.name for p in folder.iterdir())[:8]})"))
+    return (f"{folder} has no tokenizer.json, {found}; minilora reads the `tokenizers` format only. Convert it "
+            "once where transformers is installed: `AutoTokenizer.from_pretrained(folder).save_pretrained(folder)` "
+            "writes tokenizer.json")
+
+
+def _processor_config(backend: tokenizers.Tokenizer) -> dict | None:
+    processor = backend.post_processor
+    return None if processor is None else json.loads(processor.__getstate__())
+
+
+def _build_processor(config: dict) -> Any:
+    """A post-processor object from its JSON config (tokenizers only deserialises whole tokenizers)."""
+    import tokenizers
+
+    shell = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+             "pre_tokenizer": None, "post_processor": config, "decoder": None,
+             "model": {"type": "WordLevel", "vocab": {}, "unk_token": "<unk>"}}
+    return tokenizers.Tokenizer.from_str(json.dumps(shell)).post_processor
+
+
+def _drop_leading_token(config: dict | None, token_id: int | None) -> dict | None:
+    """The post-processor config without the `token_id` it puts first; None when it puts none there."""
+    if config is None or token_id is None:
+        return None
+    if config["type"] == "Sequence":
+        for i, inner in enumerate(config["processors"]):
+            changed = _drop_leading_token(inner, token_id)
+            if changed is not None:
+                return {**config, "processors": [*config["processors"][:i], changed, *config["processors"][i + 1:]]}
+        return None
+    if config["type"] != "TemplateProcessing" or not config["single"]:
+        return None
+    first = config["single"][0].get("SpecialToken")
+    if first is None or config["special_tokens"][first["id"]]["ids"] != [token_id]:
+        return None
+    pair = config["pair"]
+    if pair and pair[0].get("SpecialToken", {}).get("id") == first["id"]:
+        pair = pair[1:]
+    return {**config, "single": config["single"][1:], "pair": pair}
+
+
+def _returns_token_type_ids(config: dict[str, Any], processor: dict | None) -> bool:
+    """transformers returns token_type_ids per tokenizer class; for a generic class, guess from whether
+    the pair template gives the second text segment id 1 (BERT-style)."""
+    if config.get("model_input_names") is not None:
+        return "token_type_ids" in config["model_input_names"]
+    name = (config.get("tokenizer_class") or "").removesuffix("Fast")
+    if name not in _GENERIC_CLASSES:
+        return name in _SEGMENT_ID_CLASSES
+    return _pair_uses_segment_ids(processor)
+
+
+def _pair_uses_segment_ids(config: dict | None) -> bool:
+    if config is None:
+        return False
+    if config["type"] == "Sequence":
+        return any(_pair_uses_segment_ids(inner) for inner in config["processors"])
+    if config["type"] == "TemplateProcessing":
+        return any(next(iter(piece.values()))["type_id"] != 0 for piece in config["pair"])
+    return config["type"] == "BertProcessing"
+
+
+# ---- chat templates -------------------------------------------------------------------------------------------
+def render_chat(template: str, messages: list[dict[str, str]], add_generation_prompt: bool,
+                special_tokens: dict[str, str]) -> str:
+    """Render `messages` with a chat template: jinja2 if installed (>= 3.1.6), else the built-in renderer."""
+    if not isinstance(messages, (list, tuple)) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise ValueError("messages must be a list of {'role': str, 'content': str} dicts")
+    try:
+        import jinja2
+    except ImportError:
+        jinja2 = None
+    if jinja2 is None or tuple(map(int, re.findall(r"\d+", jinja2.__version__)[:3])) < (3, 1, 6):
+        return render_builtin_chat(template, messages, add_generation_prompt, special_tokens)
+    return _render_jinja(template, messages, add_generation_prompt, special_tokens)
+
+
+def _render_jinja(template: str, messages: list[dict[str, str]], add_generation_prompt: bool,
+                  special_tokens: dict[str, str]) -> str:
+    """The template rendered in the same sandboxed environment as transformers (templates are untrusted)."""
+    from datetime import datetime
+
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:  # jinja's own tojson escapes HTML characters
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(template).render(messages=[dict(m) for m in messages],
+                                                add_generation_prompt=add_generation_prompt, **special_tokens)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"the chat template failed: {e}") from e
+
+
+_CHATML_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system\n(.+?)<\|im_end\|>", re.S)
+
+
+def render_builtin_chat(template: str, messages: list[dict[str, str]], add_generation_prompt: bool,
+                        special_tokens: dict[str, str]) -> str:
+    """ChatML or Llama-2 [INST] chat, whichever `template` uses, without jinja2."""
+    if "<|im_start|>" in template:
+        default_system = _CHATML_DEFAULT_SYSTEM.search(template)  # e.g. SmolLM2's "You are a helpful ..."
+        if default_system and messages and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": default_system.group(1)}, *messages]
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+    if "[INST]" not in template:
+        raise ValueError("this chat template is neither ChatML nor Llama-2: rendering it needs jinja2 >= 3.1.6 "
+                         "(`pip install -U jinja2`)")
+    bos, eos = special_tokens.get("bos_token", "<s>"), special_tokens.get("eos_token", "</s>")
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    turns = messages[1:] if system is not None else messages
+    text = ""
+    for i, message in enumerate(turns):
+        if message["role"] != ("user" if i % 2 == 0 else "assistant"):
+            raise ValueError("Llama-2 chat needs user/assistant turns alternating, starting with user "
+                             "(after an optional system message)")
+        content = message["content"]
+        if i == 0 and system is not None:
+            content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+        text += f"{bos}[INST] {content.strip()} [/INST]" if i % 2 == 0 else f" {content.strip()} {eos}"
+    return text
