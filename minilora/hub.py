@@ -32,7 +32,7 @@ def resolve_model_dir(path_or_id: str | os.PathLike, revision: str | None = None
     as "HuggingFaceTB/SmolLM2-135M-Instruct", downloaded (config, safetensors weights and tokenizer files
     by default; pass `allow_patterns` to change that) at `revision` into the Hugging Face cache.
     """
-    local = _as_local_dir(path_or_id)
+    local = as_local_dir(path_or_id)
     if local is not None:
         if not (local / "config.json").is_file():
             raise FileNotFoundError(f"{local} has no config.json: expected a model folder in Hugging Face "
@@ -40,7 +40,7 @@ def resolve_model_dir(path_or_id: str | os.PathLike, revision: str | None = None
         return local
 
     repo_id = str(path_or_id)
-    folder = _snapshot(repo_id, "model", revision, list(allow_patterns or MODEL_FILE_PATTERNS))
+    folder = snapshot(repo_id, "model", revision, list(allow_patterns or MODEL_FILE_PATTERNS))
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"hub repo {repo_id!r} has no config.json: is it a model repo in Hugging Face "
                                 "format (and not, e.g., a LoRA adapter or a GGUF-only repo)?")
@@ -69,10 +69,10 @@ def resolve_files(path_or_id: str | os.PathLike, filenames: Sequence[str], repo_
             raise FileNotFoundError(f"{local_file} does not match any of {list(filenames)}")
         return [local_file]
 
-    folder = _as_local_dir(path_or_id)
+    folder = as_local_dir(path_or_id)
     where = str(folder)
     if folder is None:
-        folder = _snapshot(str(path_or_id), repo_type, revision, list(filenames))
+        folder = snapshot(str(path_or_id), repo_type, revision, list(filenames))
         where = f"hub {repo_type} repo {str(path_or_id)!r}"
 
     found: list[Path] = []
@@ -91,7 +91,7 @@ def pickled_weights_message(where: str) -> str:
             "(or the hub's 'Convert to Safetensors' space), then load the converted folder.")
 
 
-def _as_local_dir(path_or_id: str | os.PathLike) -> Path | None:
+def as_local_dir(path_or_id: str | os.PathLike) -> Path | None:
     """The local folder `path_or_id` names, None for a hub id; error for a local path that does not exist."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
@@ -104,7 +104,7 @@ def _as_local_dir(path_or_id: str | os.PathLike) -> Path | None:
     return None
 
 
-def _snapshot(repo_id: str, repo_type: str, revision: str | None, allow_patterns: list[str]) -> Path:
+def snapshot(repo_id: str, repo_type: str, revision: str | None, allow_patterns: list[str]) -> Path:
     import huggingface_hub
     from huggingface_hub import errors
 

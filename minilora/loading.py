@@ -4,22 +4,15 @@ Loading builds the model on the meta device (no memory), then walks it module by
 tensor from the safetensors file(s) with plain file reads straight into its final buffer, so peak memory
 stays near the size of the finished model and no mmap'ed pages inflate RSS. With `quantize=`, each linear
 layer is quantized as soon as its weight is read: the full-precision model never exists.
-
-The safetensors format: 8-byte little-endian header length N, N bytes of JSON
-{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the raw data.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
-import struct
-import sys
 import warnings
 from collections.abc import Iterable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,155 +21,14 @@ from torch import nn
 
 from minilora.hub import PICKLED_WEIGHT_PATTERNS, pickled_weights_message, resolve_model_dir
 from minilora.models import FAMILIES, model_classes
+from minilora.safetensors_io import (CheckpointError, SafetensorsFile, _atomic_write, load_safetensors,  # noqa: F401
+                                     save_safetensors)
 
 if TYPE_CHECKING:
     from minilora.quant import QuantConfig
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-MAX_HEADER_BYTES = 100_000_000
 # Checkpoint tensors every HF architecture recomputes from the config (old checkpoints saved them).
 ALWAYS_IGNORED_KEYS = (r"(^|\.)position_ids$", r"(^|\.)rotary_emb\.inv_freq$", r"(^|\.)inv_freq$")
-
-if sys.byteorder != "little":  # safetensors data is little-endian and read without byte swapping
-    raise ImportError("minilora.loading needs a little-endian machine")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is truncated or corrupt, or does not match the model it is loaded into."""
-
-
-class SafetensorsFile:
-    """One .safetensors file: header parsed and validated on open, tensors read on demand with `read`."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._file = open(self.path, "rb", buffering=0)  # closed by close() or __exit__
-        try:
-            self._parse_header(os.fstat(self._file.fileno()).st_size)
-        except BaseException:
-            self._file.close()
-            raise
-
-    def _parse_header(self, file_size: int) -> None:
-        def corrupt(why: str) -> CheckpointError:
-            return CheckpointError(f"{self.path} is truncated or corrupt: {why}")
-
-        if file_size < 8:
-            raise corrupt(f"the file has {file_size} bytes, fewer than the 8-byte header length")
-        (header_len,) = struct.unpack("<Q", self._file.read(8))
-        if header_len > min(file_size - 8, MAX_HEADER_BYTES):
-            raise corrupt(f"the header claims {header_len} bytes but the file has {file_size} bytes")
-        try:
-            header = json.loads(self._read_exact(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise corrupt(f"the JSON header does not parse ({e})") from e
-        if not isinstance(header, dict):
-            raise corrupt("the JSON header is not an object")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self.data_start = 8 + header_len
-        data_len = file_size - self.data_start
-        for key, info in header.items():
-            try:
-                dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-                if not all(isinstance(v, int) and v >= 0 for v in [*shape, begin, end]):
-                    raise TypeError
-            except (KeyError, TypeError, ValueError) as e:
-                raise corrupt(f"bad header entry for tensor {key!r}: {info!r}") from e
-            if end - begin != math.prod(shape) * dtype.itemsize:
-                raise corrupt(f"tensor {key!r} ({info['dtype']} {shape}) needs {math.prod(shape) * dtype.itemsize} "
-                              f"bytes, but its data offsets are {[begin, end]}")
-            if end > data_len:
-                raise corrupt(f"tensor {key!r} ends at data byte {end} but the file only holds {data_len} "
-                              "data bytes (an interrupted download or copy?)")
-        self.entries: dict[str, dict] = header
-
-    def _read_exact(self, n: int) -> bytes:
-        data = self._file.read(n)
-        if len(data) != n:
-            raise CheckpointError(f"{self.path} is truncated: wanted {n} bytes, got {len(data)}")
-        return data
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def shape(self, key: str) -> torch.Size:
-        return torch.Size(self.entries[key]["shape"])
-
-    def dtype(self, key: str) -> torch.dtype:
-        return SAFETENSORS_DTYPES[self.entries[key]["dtype"]]
-
-    def read(self, key: str) -> torch.Tensor:
-        """The tensor `key` as a new CPU tensor in its stored dtype, read with `readinto` (no mmap)."""
-        if key not in self.entries:
-            raise KeyError(f"{self.path} has no tensor {key!r}")
-        begin, end = self.entries[key]["data_offsets"]
-        tensor = torch.empty(self.shape(key), dtype=self.dtype(key))
-        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        self._file.seek(self.data_start + begin)
-        done = 0
-        while done < end - begin:  # raw reads may return short counts
-            n = self._file.readinto(buffer[done:])
-            if not n:
-                raise CheckpointError(f"{self.path} is truncated: tensor {key!r} stops after {done} of "
-                                      f"{end - begin} bytes")
-            done += n
-        return tensor
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> SafetensorsFile:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of a .safetensors file (small files: adapters), moved to `device`."""
-    with SafetensorsFile(path) as f:
-        return {key: f.read(key).to(device) for key in f.keys()}
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` to `path` atomically (temp file in the same folder, then rename), one at a time."""
-    header: dict[str, dict] = {}
-    offset = 0
-    for key, t in tensors.items():
-        if t.dtype not in DTYPE_NAMES:
-            raise ValueError(f"tensor {key!r} has dtype {t.dtype}, which safetensors cannot store")
-        nbytes = t.numel() * t.element_size()
-        header[key] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt", **(metadata or {})}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
-    path = Path(path)
-    with _atomic_write(path) as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for t in tensors.values():
-            f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-@contextmanager
-def _atomic_write(path: Path):
-    """`with _atomic_write(path) as f:` writes a temp file beside `path`, renamed over `path` on success."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class Checkpoint:
