@@ -1,25 +1,28 @@
 """minilora: small, hackable LoRA / QLoRA fine-tuning in plain PyTorch.
 
-The LoRA core is imported eagerly; everything that pulls heavier modules (bitsandbytes, the model files,
-the training loop) is imported on first use, so `import minilora` stays fast.
+The LoRA core, the training loop and generation are imported eagerly; what pulls heavier modules
+(bitsandbytes, the model files, the loader, the tokenizer) is imported on first use, so `import minilora`
+stays fast and never imports transformers or peft.
 """
 from importlib import import_module
 
 from .adapter import adapter_state_dict, load_adapter, save_adapter
 from .checkpointing import enable_gradient_checkpointing
 from .config import LoraConfig
+# train and generate are functions named like their modules: import them eagerly so the function, not the
+# submodule, is what `minilora.train` / `minilora.generate` mean.
+from .generate import generate
 from .inject import apply_lora, merge_and_unload, merge_lora, trainable_parameters, unmerge_lora
 from .lora import LoraLinear
+from .plot import plot_metrics
+from .train import TrainConfig, evaluate, train
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "from_pretrained": "loading", "save_pretrained": "loading",
     "load_tokenizer": "tokenizer", "Tokenizer": "tokenizer",
-    "generate": "generate",
     "QuantConfig": "quant",
-    "train": "train", "TrainConfig": "train",
-    "plot_metrics": "plot",
     "data": None, "metrics": None, "models": None,
 }
 
@@ -40,5 +43,6 @@ def __dir__():
 __all__ = [
     "LoraConfig", "LoraLinear", "apply_lora", "trainable_parameters", "save_adapter", "load_adapter",
     "adapter_state_dict", "merge_lora", "unmerge_lora", "merge_and_unload", "enable_gradient_checkpointing",
+    "generate", "train", "TrainConfig", "evaluate", "plot_metrics",
     *_LAZY,
 ]

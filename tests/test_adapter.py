@@ -12,7 +12,8 @@ import minilora as ml
 
 def bert_inputs():
     g = torch.Generator().manual_seed(3)
-    return {"input_ids": torch.randint(0, 99, (3, 6), generator=g), "attention_mask": torch.ones(3, 6, dtype=torch.long)}
+    ids = torch.randint(0, 99, (3, 6), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def trained_like(model):

@@ -55,7 +55,8 @@ def test_full_hf_state_dict_loads_into_lora_model():
     model = ml.apply_lora(tiny_llama(seed=5), ml.LoraConfig(r=4, target_modules=["q_proj"]))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert unexpected == [] and all("lora_" in k for k in missing)
-    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    q_ours, q_base = model.model.layers[0].self_attn.q_proj, base.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(q_ours.weight, q_base.weight)
 
 
 def test_target_selection_modes():
@@ -222,6 +223,11 @@ def test_training_steps_lower_the_loss():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.2, losses
+
+
+def test_public_names_are_functions_not_submodules():
+    assert callable(ml.train) and callable(ml.generate) and callable(ml.from_pretrained)
+    assert ml.TrainConfig.__name__ == "TrainConfig" and ml.QuantConfig.__name__ == "QuantConfig"
 
 
 def test_import_is_light():

@@ -1,0 +1,205 @@
+"""Resumable training checkpoints: `output_dir/checkpoint-{step}/`, written atomically, no pickle.
+
+A checkpoint folder holds:
+    adapter_config.json + adapter_model.safetensors   the LoRA adapter (peft format), when the model has LoRA
+    trainable_params.safetensors                      trainable parameters outside the adapter (if any)
+    optimizer.safetensors + optimizer.json            optimizer state: tensors + JSON structure
+    rng_state_{rank}.safetensors + .json              python / numpy / torch (CPU and CUDA) RNG states
+    trainer_state.json                                step, data position (epoch, step in epoch, seed), ...
+    train_config.json                                 the TrainConfig
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapter import adapter_state_dict, load_adapter, save_adapter
+from .inject import lora_layers
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+# Changing these between a checkpoint and its resume would change which examples come next.
+DATA_ORDER_KEYS = ("seed", "shuffle", "batch_size", "gradient_accumulation_steps")
+
+
+@dataclass
+class TrainState:
+    """Where training is: saved in every checkpoint as trainer_state.json."""
+    global_step: int = 0
+    epoch: int = 0  # the epoch in progress
+    step_in_epoch: int = 0  # optimizer steps done in that epoch
+    loss_sum: float = 0.0  # sum of the per-step global mean losses (for the summary's train_loss)
+    tokens_seen: int = 0
+    samples_seen: int = 0
+    num_examples: int = 0  # the permutation depends on it: resuming needs the same data
+
+
+def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, config: TrainConfig,
+                    rank: int = 0, world: int = 1) -> Path | None:
+    """Write output_dir/checkpoint-{step} atomically (build a temp folder, then rename); rank 0 only.
+
+    Every rank must call it (RNG states are gathered). Older checkpoints beyond save_total_limit are
+    removed. Returns the folder on rank 0.
+    """
+    rng_states = [rng_state()]
+    if world > 1:
+        rng_states = [None] * world
+        dist.all_gather_object(rng_states, rng_state())
+    if rank != 0:
+        return None
+    out_dir = Path(config.output_dir)
+    final = out_dir / f"checkpoint-{state.global_step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=out_dir))
+    try:
+        save_trainable_weights(model, tmp)
+        write_tree(optimizer.state_dict(), tmp / "optimizer")
+        for r, rng in enumerate(rng_states):
+            write_tree(rng, tmp / f"rng_state_{r}")
+        trainer_state = {**asdict(state), "world_size": world, "total_train_batch_size":
+                         config.batch_size * config.gradient_accumulation_steps * world}
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        (tmp / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        if final.exists():  # a new run writing over an old run's checkpoint of the same step
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    if config.save_total_limit:
+        for old in list_checkpoints(out_dir)[:-config.save_total_limit]:
+            shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """checkpoint-N folders (never unfinished .tmp ones), oldest first."""
+    found = [p for p in out_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def find_checkpoint(resume_from: str, out_dir: Path) -> Path:
+    if resume_from == "latest":
+        found = list_checkpoints(out_dir) if out_dir.is_dir() else []
+        if not found:
+            raise FileNotFoundError(f"resume_from='latest' but {out_dir} has no checkpoint-N folders")
+        return found[-1]
+    path = Path(resume_from)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"resume_from={resume_from!r}: not a checkpoint folder (no trainer_state.json)")
+    return path
+
+
+def load_trainer_state(checkpoint: Path, config: TrainConfig, world: int, n_examples: int) -> TrainState:
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved_config = json.loads((checkpoint / "train_config.json").read_text())
+    changed = [f"{k}: {saved_config.get(k)} -> {getattr(config, k)}" for k in DATA_ORDER_KEYS
+               if saved_config.get(k) != getattr(config, k)]
+    if saved.get("world_size") != world:
+        changed.append(f"world_size: {saved.get('world_size')} -> {world}")
+    if saved.get("num_examples") != n_examples:
+        changed.append(f"number of training examples: {saved.get('num_examples')} -> {n_examples}")
+    if changed:
+        raise ValueError(f"cannot resume exactly from {checkpoint}: the data order would change ({'; '.join(changed)})")
+    return TrainState(**{k: saved[k] for k in asdict(TrainState())})
+
+
+def save_trainable_weights(model: nn.Module, folder: Path) -> None:
+    """The adapter in peft format (if any) plus every other trainable parameter in safetensors."""
+    in_adapter = set()
+    if lora_layers(model):
+        save_adapter(model, folder)
+        in_adapter = set(adapter_state_dict(model))
+    rest = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+            if p.requires_grad and n not in in_adapter}
+    if rest:
+        save_file(rest, folder / "trainable_params.safetensors")
+
+
+def load_trainable_weights(model: nn.Module, folder: Path) -> None:
+    if (folder / "adapter_config.json").is_file():
+        load_adapter(model, folder)
+    file = folder / "trainable_params.safetensors"
+    if file.is_file():
+        params = dict(model.named_parameters())
+        tensors = load_file(file)
+        unknown = sorted(set(tensors) - set(params))
+        if unknown:
+            raise KeyError(f"{file} has parameters the model does not: {unknown[:8]}")
+        with torch.no_grad():
+            for name, t in tensors.items():
+                params[name].copy_(t)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": list(np.random.get_state()), "torch": torch.get_rng_state()}
+    state["numpy"][1] = torch.from_numpy(state["numpy"][1].astype(np.int64))
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# A state dict as two files: NAME.safetensors (its tensors) and NAME.json (everything else, with tensors
+# replaced by {"__tensor__": key}; tuples and non-string-keyed dicts tagged so they come back as they were).
+
+def write_tree(tree: Any, base: Path) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(obj: Any, path: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            tensors[path] = obj.detach().cpu().clone()  # clone: safetensors refuses shared storage
+            return {"__tensor__": path}
+        if isinstance(obj, dict):
+            if all(isinstance(k, str) for k in obj):
+                return {k: encode(v, f"{path}.{k}") for k, v in obj.items()}
+            return {"__items__": [[k, encode(v, f"{path}.{k}")] for k, v in obj.items()]}
+        if isinstance(obj, (list, tuple)):
+            items = [encode(v, f"{path}.{i}") for i, v in enumerate(obj)]
+            return {"__tuple__": items} if isinstance(obj, tuple) else items
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        raise TypeError(f"cannot store a {type(obj).__name__} at {path} of {base.name} in a checkpoint")
+
+    meta = encode(tree, "root")
+    save_file(tensors, f"{base}.safetensors")
+    Path(f"{base}.json").write_text(json.dumps(meta))
+
+
+def read_tree(base: Path) -> Any:
+    tensors = load_file(f"{base}.safetensors")
+
+    def decode(obj: Any) -> Any:
+        if isinstance(obj, list):
+            return [decode(v) for v in obj]
+        if not isinstance(obj, dict):
+            return obj
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__items__" in obj:
+            return {k: decode(v) for k, v in obj["__items__"]}
+        if "__tuple__" in obj:
+            return tuple(decode(v) for v in obj["__tuple__"])
+        return {k: decode(v) for k, v in obj.items()}
+
+    return decode(json.loads(Path(f"{base}.json").read_text()))
