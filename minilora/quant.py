@@ -1,0 +1,446 @@
+"""QLoRA's frozen base layers: 4-bit NF4/FP4 and 8-bit (LLM.int8 weights) linear layers on bitsandbytes.
+
+A quantized layer computes y = x @ dequantize(W).T + b in its compute dtype. The dense W exists only inside
+a forward (and again inside its backward, for the input gradient), so memory stays that of the packed
+weights. W never gets a gradient; inputs (and a bias set to train) do. bitsandbytes does all (de)quantizing.
+
+State dicts use the keys bitsandbytes' Linear4bit / Linear8bitLt write (and transformers reads):
+    4-bit: weight (packed uint8), weight.absmax, weight.quant_map, [weight.nested_absmax,
+           weight.nested_quant_map,] weight.quant_state.bitsandbytes__nf4 (JSON: shape, blocksize, ...)
+    8-bit: weight (int8 (out, in)), SCB (fp32 row absmax), weight_format (0: row-major)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANT_TYPES = ("nf4", "fp4", "int8")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FOUR_BIT_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")  # under "weight."
+# transformers keeps these modules out of bnb quantization (its `_keep_in_fp32_modules`); minilora does the
+# same so checkpoints stay loadable both ways.
+KEEP_DENSE_BY_MODEL_TYPE = {"t5": ("wo",)}
+
+
+@functools.cache
+def _bnb():
+    """bitsandbytes, imported on first use (slow to import; only quantized models need it)."""
+    # On CPUs with AVX512-BF16, bitsandbytes warns at import that an optional inference-only kernel package
+    # is missing. minilora never takes that path (see _FrozenLinearFn), so the warning is noise.
+    cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops_log.level
+    cpu_ops_log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional
+    finally:
+        cpu_ops_log.setLevel(level)
+    return bitsandbytes
+
+
+@dataclass
+class QuantConfig:
+    """How `from_pretrained(..., quantize=...)` quantizes linear layers.
+
+    quant_type: "nf4" (QLoRA's 4-bit NormalFloat), "fp4" or "int8" (LLM.int8's row-wise int8 weights).
+    double_quant / blocksize: 4-bit only: quantize the per-block scales again (~0.37 bit per weight less);
+        weights per scale.
+    compute_dtype: dtype of the matmuls; None means the model's dtype.
+    skip_modules: more modules kept dense (transformers' `llm_int8_skip_modules` rule: a prefix on a module
+        boundary, a regex, or a suffix). The output head and new task heads are always kept dense.
+    int8_threshold: LLM.int8's outlier threshold, only written to config.json: the int8 layer dequantizes
+        its weight rather than quantizing activations (bitsandbytes' own CPU training path: faster, exact).
+    """
+
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: torch.dtype | None = None
+    blocksize: int = 64
+    skip_modules: list[str] | None = None
+    int8_threshold: float = 6.0
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"QuantConfig.quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
+        if isinstance(self.compute_dtype, str):
+            self.compute_dtype = getattr(torch, self.compute_dtype.removeprefix("torch."), self.compute_dtype)
+        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"QuantConfig.compute_dtype must be None or one of {COMPUTE_DTYPES}, "
+                             f"got {self.compute_dtype!r}")
+        if self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"QuantConfig.blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
+        if isinstance(self.skip_modules, str):
+            self.skip_modules = [self.skip_modules]
+        if self.skip_modules is not None and not all(isinstance(s, str) and s for s in self.skip_modules):
+            raise ValueError(f"QuantConfig.skip_modules must be a list of module names, got {self.skip_modules!r}")
+        if not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
+            raise ValueError(f"QuantConfig.int8_threshold must be a number >= 0, got {self.int8_threshold!r}")
+        self.int8_threshold = float(self.int8_threshold)
+
+
+def resolve_quant_config(quantize: str | QuantConfig | None, dtype: torch.dtype | None) -> QuantConfig | None:
+    """The QuantConfig for `from_pretrained(quantize=..., dtype=...)`: a copy with compute_dtype filled in."""
+    if quantize is None:
+        return None
+    if isinstance(quantize, str):
+        if quantize.lower() not in QUANT_TYPES:
+            raise ValueError(f"quantize must be one of {QUANT_TYPES}, a QuantConfig or None, got {quantize!r}")
+        quantize = QuantConfig(quant_type=quantize.lower())
+    elif not isinstance(quantize, QuantConfig):
+        raise TypeError(f"quantize must be one of {QUANT_TYPES}, a QuantConfig or None, got {type(quantize).__name__}")
+    return dataclasses.replace(quantize, compute_dtype=quantize.compute_dtype or dtype or torch.float32)
+
+
+def _matches(path: str, patterns: Iterable[str]) -> bool:
+    """transformers' rule for skip lists: `pattern` matches from the start up to a module boundary (as a
+    regex), or is a suffix of the path."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    try:
+        return any(re.match(rf"(?:{p}){boundary}", path) or path.endswith(p) for p in patterns)
+    except re.error as e:
+        raise ValueError(f"QuantConfig.skip_modules has an invalid pattern: {e}") from None
+
+
+def _always_dense(path: str, module: nn.Module, model: nn.Module) -> bool:
+    """The output head, freshly initialised task heads and the model type's keep-dense modules."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    if callable(get_head) and module is get_head():
+        return True
+    if any((path + ".").startswith(p) for p in getattr(model, "new_head_prefixes", ())):
+        return True
+    model_type = getattr(getattr(model, "config", None), "raw", {}).get("model_type")
+    return _matches(path, KEEP_DENSE_BY_MODEL_TYPE.get(model_type, ()))
+
+
+def should_quantize(path: str, module: nn.Module, qconfig: QuantConfig, model: nn.Module) -> bool:
+    """True for an `nn.Linear` at `path` in `model` that `qconfig` quantizes."""
+    if not isinstance(module, nn.Linear) or _always_dense(path, module, model):
+        return False
+    return not (qconfig.skip_modules and _matches(path, qconfig.skip_modules))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The layers
+
+
+class _FrozenLinearFn(torch.autograd.Function):
+    """y = x @ W.T + b with W = layer.dequantize(x.dtype), dequantized again in backward instead of saved.
+
+    What bnb.matmul_4bit computes on CPU, for both layer types, without its per-call checks. Keeping W from
+    forward to backward instead saves ~1% of a SmolLM2 QLoRA step for a dense copy of every weight.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype), bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ ctx.layer.dequantize(grad_out.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, grad_bias
+
+
+class _QuantizedLinear(nn.Module):
+    """What both layer types share: frozen packed weight, optional bias, forward through _FrozenLinearFn."""
+
+    in_features: int
+    out_features: int
+    quant_type: str
+    state_names: tuple[str, ...] = ("weight",)  # this layer's own state_dict entries, besides "weight.*"
+
+    def __init__(self, compute_dtype: torch.dtype | None):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return _FrozenLinearFn.apply(x.to(dtype), self, bias).to(x.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The packed weight and its quantization state are one unit: rebuild both (no re-quantization).
+        own = (*self.state_names, "bias")
+        tensors = {k[len(prefix):]: v for k, v in state_dict.items()
+                   if k.startswith(prefix) and (k[len(prefix):] in own or k[len(prefix):].startswith("weight."))}
+        if "weight" not in tensors:
+            missing_keys.extend(prefix + n for n in own if n != "weight_format" and getattr(self, n) is not None)
+            return
+        if (self.bias is None) != ("bias" not in tensors):
+            (missing_keys if self.bias is not None else unexpected_keys).append(prefix + "bias")
+            return
+        try:
+            loaded = load_prequantized_linear(tensors, self.in_features, self.out_features,
+                                              QuantConfig(self.quant_type), self.weight.device, prefix)
+        except (KeyError, ValueError) as e:
+            error_msgs.append(str(e))
+            return
+        for name in self.state_names:
+            if name != "weight_format":
+                setattr(self, name, getattr(loaded, name))
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(loaded.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={self.quant_type}, compute_dtype={self.compute_dtype}")
+
+
+class NF4Linear(_QuantizedLinear):
+    """A frozen linear layer stored in 4 bits (NF4, or FP4 when `quant_type == "fp4"`).
+
+    `weight` is a bitsandbytes `Params4bit`: the packed (out*in/2, 1) uint8 data plus its `quant_state`
+    (per-block absmax scales, themselves 8-bit quantized with double quantization).
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | None = None):
+        super().__init__(compute_dtype)
+        self.weight = weight
+        self.bias = _frozen(bias)
+        self.out_features, self.in_features = weight.quant_state.shape
+
+    @property
+    def quant_type(self) -> str:
+        return self.weight.quant_state.quant_type
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense (out, in) weight in `dtype` (default: the compute dtype)."""
+        state = self.weight.quant_state
+        absmax = state.absmax
+        if state.nested:
+            absmax = _bnb().functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        # The op directly (not functional.dequantize_4bit): it writes `dtype` without an fp32 detour.
+        return torch.ops.bitsandbytes.dequantize_4bit.default(
+            self.weight.data, absmax.float(), state.blocksize, state.quant_type, state.shape,
+            dtype or self.compute_dtype or state.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, value in self.weight.quant_state.as_dict(packed=True).items():
+            destination[prefix + "weight." + key] = value if keep_vars else value.detach()
+
+
+class Int8Linear(_QuantizedLinear):
+    """A frozen linear layer stored as LLM.int8 weights: int8 (out, in) rows `weight` and fp32 row scales
+    `SCB` (W ~= weight * SCB / 127)."""
+
+    quant_type = "int8"
+    state_names = ("weight", "SCB", "weight_format")
+
+    def __init__(self, weight: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | None = None):
+        super().__init__(compute_dtype)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = _frozen(bias)
+        self.register_buffer("SCB", scb.float())
+        self.out_features, self.in_features = weight.shape
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense (out, in) weight in `dtype` (default: the compute dtype, else fp32)."""
+        # bitsandbytes' own formula (MatMul8bitFp), so outputs match a transformers int8 model bit for bit.
+        dtype = dtype or self.compute_dtype or torch.float32
+        return self.weight.to(dtype).mul_(self.SCB.unsqueeze(1).mul(1.0 / 127.0))
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() would cast the fp32 row scales too; they only follow the device.
+        scb = self._buffers.pop("SCB")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["SCB"] = scb.to(self.weight.device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)  # bnb's "row" layout
+
+
+def _frozen(bias: torch.Tensor | None) -> nn.Parameter | None:
+    return None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Building layers: from a dense weight, or from a checkpoint's packed tensors
+
+
+def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, qconfig: QuantConfig,
+                    device: torch.device | str | None = None) -> nn.Module:
+    """A frozen NF4Linear / Int8Linear holding `weight` (out, in) quantized on `device` (default: its own)."""
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"quantize_linear needs a floating (out, in) weight, got {weight.dtype} {tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},) for the weight")
+    device = torch.device(device) if device is not None else weight.device
+    weight = weight.detach().to(device)
+    if weight.dtype not in COMPUTE_DTYPES:
+        weight = weight.float()
+    bias = None if bias is None else bias.detach().to(device)
+    bnb = _bnb()
+    if qconfig.quant_type == "int8":
+        # Through fp16 like bnb's Int8Params, so the int8 rows equal what transformers' load_in_8bit stores.
+        int8_weight, scb, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16))
+        return Int8Linear(int8_weight, scb, bias, qconfig.compute_dtype)
+    packed, state = bnb.functional.quantize_4bit(weight.contiguous(), blocksize=qconfig.blocksize,
+                                                 compress_statistics=qconfig.double_quant,
+                                                 quant_type=qconfig.quant_type, quant_storage=torch.uint8)
+    param = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=qconfig.blocksize,
+                              compress_statistics=qconfig.double_quant, quant_type=qconfig.quant_type,
+                              bnb_quantized=True)
+    return NF4Linear(param, bias, qconfig.compute_dtype)
+
+
+def is_quantized_in_checkpoint(names: Iterable[str]) -> bool:
+    """Whether a layer's checkpoint tensors (names relative to the layer) hold bnb-quantized weights."""
+    return any(n == "SCB" or n.startswith("weight.quant_state.") for n in names)
+
+
+def load_prequantized_linear(tensors: dict[str, torch.Tensor], in_features: int, out_features: int,
+                             qconfig: QuantConfig, device: torch.device | str | None = None,
+                             prefix: str = "") -> nn.Module:
+    """Rebuild a quantized layer from the tensors a quantized model's state_dict wrote under its prefix
+    ("weight", "weight.absmax", ..., "bias" / "weight", "SCB", "weight_format", "bias"); no re-quantization.
+
+    `prefix` (e.g. "model.layers.0.self_attn.q_proj.") only makes error messages name the full keys.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if qconfig.quant_type == "int8":
+        layer = _load_int8(tensors, in_features, out_features, device, prefix)
+    else:
+        layer = _load_4bit(tensors, in_features, out_features, qconfig.quant_type, device, prefix)
+    if "bias" in tensors:
+        if tensors["bias"].shape != (out_features,):
+            raise ValueError(f"{prefix}bias has shape {tuple(tensors['bias'].shape)}, expected ({out_features},)")
+        layer.bias = _frozen(tensors["bias"].to(device))
+    layer.compute_dtype = qconfig.compute_dtype
+    return layer
+
+
+def _load_4bit(tensors: dict[str, torch.Tensor], in_features: int, out_features: int, quant_type: str,
+               device: torch.device, prefix: str) -> NF4Linear:
+    blob_key = f"weight.quant_state.bitsandbytes__{quant_type}"
+    required = ["weight", "weight.absmax", "weight.quant_map", blob_key]
+    missing = [prefix + k for k in required if k not in tensors]
+    if missing:
+        found = sorted(k for k in tensors if k.startswith("weight.quant_state."))
+        hint = f" (it has {found}: saved with another quant_type?)" if found else _dense_hint(tensors)
+        raise KeyError(f"{quant_type} layer: missing {missing}{hint}; expected what bitsandbytes' Linear4bit saves")
+    try:
+        blob = json.loads(bytes(tensors[blob_key].cpu().numpy()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{prefix}{blob_key} is not bitsandbytes' JSON quant state: {e}") from None
+    if blob.get("quant_type") != quant_type or list(blob.get("shape") or ()) != [out_features, in_features]:
+        raise ValueError(f"{prefix}{blob_key} describes a {blob.get('quant_type')} weight of shape "
+                         f"{blob.get('shape')}, expected {quant_type} of shape [{out_features}, {in_features}]")
+    nested = {"nested_offset", "nested_blocksize", "nested_dtype"} <= blob.keys()
+    for key in ("weight.nested_absmax", "weight.nested_quant_map") if nested else ():
+        if key not in tensors:
+            raise KeyError(f"{prefix}{key} is missing: the quant state says the scales are double-quantized")
+    packed, n_bytes = tensors["weight"], (out_features * in_features + 1) // 2
+    if packed.numel() * packed.element_size() != n_bytes:
+        raise ValueError(f"{prefix}weight has {packed.numel() * packed.element_size()} bytes, expected {n_bytes} "
+                         f"(packed 4-bit ({out_features}, {in_features}))")
+    stats = {k: v for k, v in tensors.items() if k.startswith("weight.")}
+    unknown = sorted(set(stats) - {f"weight.{k}" for k in FOUR_BIT_STATE_KEYS} - {blob_key})
+    if unknown:
+        raise ValueError(f"unknown 4-bit quant state tensors {[prefix + k for k in unknown]}")
+    param = _bnb().nn.Params4bit.from_prequantized(packed.reshape(-1, 1), stats, requires_grad=False, device=device)
+    return NF4Linear(param)
+
+
+def _dense_hint(tensors: dict[str, torch.Tensor]) -> str:
+    weight = tensors.get("weight")
+    dense = weight is not None and weight.is_floating_point()
+    return f" (its weight is a dense {weight.dtype} tensor: the checkpoint stores it unquantized)" if dense else ""
+
+
+def _load_int8(tensors: dict[str, torch.Tensor], in_features: int, out_features: int, device: torch.device,
+               prefix: str) -> Int8Linear:
+    missing = [prefix + k for k in ("weight", "SCB") if k not in tensors]
+    if missing:
+        raise KeyError(f"int8 layer: missing {missing}{_dense_hint(tensors)}; expected what bitsandbytes' Linear8bitLt "
+                       "saves (weight, SCB, weight_format)")
+    weight, scb = tensors["weight"], tensors["SCB"]
+    if weight.dtype != torch.int8 or weight.shape != (out_features, in_features):
+        raise ValueError(f"{prefix}weight is {weight.dtype} {tuple(weight.shape)}, expected int8 ({out_features}, "
+                         f"{in_features})")
+    if scb.shape != (out_features,):
+        raise ValueError(f"{prefix}SCB has shape {tuple(scb.shape)}, expected ({out_features},)")
+    if "weight_format" in tensors and int(tensors["weight_format"]) != 0:
+        raise ValueError(f"{prefix}weight_format is {int(tensors['weight_format'])}: only bitsandbytes' row-major "
+                         "layout (0) is supported")
+    return Int8Linear(weight.to(device), scb.to(device))
+
+
+# --------------------------------------------------------------------------------------------------------
+# config.json's quantization_config (transformers' BitsAndBytesConfig)
+
+
+def quant_config_to_dict(qconfig: QuantConfig, model: nn.Module | None = None) -> dict:
+    """transformers' BitsAndBytesConfig JSON for `qconfig`.
+
+    Pass the quantized `model` to list its dense linear layers in `llm_int8_skip_modules`: transformers
+    then keeps exactly those dense (its own default would differ e.g. for task heads).
+    """
+    four_bit = qconfig.quant_type != "int8"
+    skip = _dense_linear_paths(model) if model is not None else qconfig.skip_modules
+    d = {
+        "quant_method": "bitsandbytes", "_load_in_4bit": four_bit, "_load_in_8bit": not four_bit,
+        "load_in_4bit": four_bit, "load_in_8bit": not four_bit, "llm_int8_threshold": qconfig.int8_threshold,
+        "llm_int8_skip_modules": list(skip) if skip is not None else None,
+        "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+        "bnb_4bit_compute_dtype": str(qconfig.compute_dtype or torch.float32).removeprefix("torch."),
+        "bnb_4bit_quant_type": qconfig.quant_type if four_bit else "fp4",
+        "bnb_4bit_use_double_quant": qconfig.double_quant and four_bit, "bnb_4bit_quant_storage": "uint8",
+    }
+    if qconfig.blocksize != 64:  # not a transformers field; its loader reads the blocksize from each weight
+        d["bnb_4bit_blocksize"] = qconfig.blocksize
+    return d
+
+
+def _dense_linear_paths(model: nn.Module) -> list[str]:
+    lora_parts = {f"{path}.{name}" for path, m in model.named_modules() if hasattr(m, "base_layer")
+                  for name, _ in m.named_children()}
+    return [path for path, m in model.named_modules() if isinstance(m, nn.Linear) and path not in lora_parts]
+
+
+def quant_config_from_dict(d: dict) -> QuantConfig:
+    """Read config.json's `quantization_config` (bitsandbytes only) back into a QuantConfig."""
+    if not isinstance(d, dict):
+        raise ValueError(f"quantization_config must be a JSON object, got {type(d).__name__}")
+    if (method := d.get("quant_method", "bitsandbytes")) != "bitsandbytes":
+        raise ValueError(f"quantization_config.quant_method is {method!r}: minilora loads only bitsandbytes "
+                         "(nf4 / fp4 / int8) checkpoints")
+    in_4bit = bool(d.get("load_in_4bit", d.get("_load_in_4bit", False)))
+    in_8bit = bool(d.get("load_in_8bit", d.get("_load_in_8bit", False)))
+    if in_4bit == in_8bit:
+        raise ValueError(f"quantization_config must set exactly one of load_in_4bit / load_in_8bit, got "
+                         f"load_in_4bit={in_4bit}, load_in_8bit={in_8bit}")
+    if d.get("llm_int8_has_fp16_weight"):
+        raise ValueError("quantization_config.llm_int8_has_fp16_weight=True (int8 with fp16 master weights) is "
+                         "not supported")
+    return QuantConfig(
+        quant_type="int8" if in_8bit else d.get("bnb_4bit_quant_type", "fp4"),  # transformers' default: fp4
+        double_quant=bool(d.get("bnb_4bit_use_double_quant", False)), compute_dtype=d.get("bnb_4bit_compute_dtype"),
+        blocksize=d.get("bnb_4bit_blocksize", 64), skip_modules=d.get("llm_int8_skip_modules"),
+        int8_threshold=d.get("llm_int8_threshold", 6.0))
