@@ -184,7 +184,7 @@ def load_adapter(model: nn.Module, path_or_id: str | os.PathLike, revision: str 
 
     if not has_lora:
         apply_lora(model, config)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for key, t in tensors.items():
             params[key].copy_(t.to(params[key].dtype))
@@ -194,7 +194,7 @@ def load_adapter(model: nn.Module, path_or_id: str | os.PathLike, revision: str 
 def _expected_shapes(model: nn.Module, config: LoraConfig, targets: set[str],
                      has_lora: bool) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape for every tensor the adapter may hold, computed without changing the model."""
-    params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    params = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
     modules = dict(model.named_modules())
     if has_lora:
         own = model.lora_config

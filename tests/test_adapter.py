@@ -206,3 +206,14 @@ def test_hub_id_without_network_says_how_to_load_locally(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(Exception, match="(?i)local"):
         ml.load_adapter(tiny_llama(), "someone/some-adapter")
+
+
+def test_tied_head_in_modules_to_save_round_trips(tmp_path):
+    model = trained_like(ml.apply_lora(tiny_llama(tie=True), ml.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                            modules_to_save=["lm_head"])))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ml.save_adapter(model, tmp_path)
+    assert "base_model.model.lm_head.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    loaded = ml.load_adapter(tiny_llama(tie=True), tmp_path)
+    x = {"input_ids": batch()["input_ids"]}
+    torch.testing.assert_close(logits(loaded, x), logits(model, x))
