@@ -1,0 +1,174 @@
+"""QLoRA of Llama-2-7b (abhishek/llama-2-7b-hf-small-shards) on medical question-answer text, minilora alone.
+
+The recipe: the base in 4-bit NF4, LoRA r=64, alpha=16, dropout 0.1 on q/v projections, gradient
+checkpointing, batch 2 with 4 gradient-accumulation steps, lr 2e-4 constant (after 3% warmup), paged AdamW,
+max grad norm 0.3, one epoch, a checkpoint and a log line every 75 steps. Rows are MedQuAD question/answer
+pairs rendered as Llama-2 chat text "<s>[INST] question [/INST] answer </s>" and learned whole. It reports the
+perplexity on held-out rows (exp of the mean loss, as transformers' run_clm does) before and after training,
+and the peak memory: CUDA allocated memory on a GPU, the process's peak RSS on CPU.
+
+    python examples/llama2_medical_qlora.py                                  # the recipe (GPU + hub)
+    python examples/llama2_medical_qlora.py --model ../test-models/SmolLM2-135M-Instruct \\
+        --data ../shared/data/medical_qa --max-train-samples 64 --max-seq-length 128   # CPU, offline
+
+The data: a folder (or hub dataset) with train and test splits, or a single file (the hub's MedQuAD CSV),
+of which --max-eval-samples rows are held out. Question/answer columns are matched case-insensitively.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from pathlib import Path
+
+import torch
+from common import (common_parser, peak_memory, print_metrics, reset_peak_memory, resolve_device, run_script,
+                    subsample, timed_evaluate, train_config, write_results)
+
+import minilora as ml
+from minilora.data import Collator, causal_lm_dataset, load_records
+from minilora.data.readers import Records
+from minilora.train import train  # not ml.train: this import rebinds it to the module
+
+DEFAULT_MODEL = "abhishek/llama-2-7b-hf-small-shards"
+SAFETENSORS_REVISION = "refs/pr/7"  # its main branch holds only pickled weights, which minilora never loads
+OFFLINE = ("python examples/llama2_medical_qlora.py --model ../test-models/SmolLM2-135M-Instruct "
+           "--data ../shared/data/medical_qa --max-train-samples 64 --max-seq-length 128")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = common_parser(__doc__.split("\n\n")[0], model=DEFAULT_MODEL,
+                           data="keivalya/MedQuad-MedicalQnADataset", output_dir="out/llama2_medical_qlora",
+                           epochs=1, lr=2e-4, batch_size=2, max_eval_samples=200)
+    parser.add_argument("--revision", default=None,
+                        help=f"hub revision of --model (default: {SAFETENSORS_REVISION}, the safetensors "
+                             f"conversion, for {DEFAULT_MODEL}; main otherwise)")
+    parser.add_argument("--question-column", default="question", help="column of the questions")
+    parser.add_argument("--answer-column", default="answer", help="column of the answers")
+    parser.add_argument("--quantize", choices=["nf4", "fp4", "int8", "none"], default="nf4",
+                        help="how the frozen base is stored (none: plain LoRA on a dense base)")
+    parser.add_argument("--lora-r", type=int, default=64, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (scaling = alpha / r)")
+    parser.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA input")
+    parser.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"],
+                        help="module names that get LoRA, or all-linear")
+    parser.add_argument("--max-seq-length", type=int, default=512,
+                        help="rows are truncated to this many tokens")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=4, help="micro-batches per step")
+    parser.add_argument("--optim", default="paged_adamw_32bit",
+                        choices=["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"],
+                        help="optimizer (bitsandbytes' paged ones fall back to non-paged on CPU)")
+    parser.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
+    parser.add_argument("--max-grad-norm", type=float, default=0.3, help="gradient clipping norm")
+    parser.add_argument("--save-steps", type=int, default=75, help="write a checkpoint every N steps")
+    parser.add_argument("--logging-steps", type=int, default=75, help="log the training loss every N steps")
+    return parser
+
+
+def precision(device: torch.device) -> tuple[torch.dtype, bool]:
+    """(compute dtype of the quantized layers, bf16 autocast): bf16 on GPUs that have it, fp32 on CPU."""
+    if device.type == "cuda":
+        return (torch.bfloat16, True) if torch.cuda.is_bf16_supported() else (torch.float16, False)
+    return torch.float32, False
+
+
+def split_rows(data: str, n_eval: int | None, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out): the train and test (or validation) splits when the data set has them, else all rows
+    of its one data file, n_eval of them (default 10%) held out at random."""
+    try:
+        rows = load_records(data, split="train")
+    except FileNotFoundError:
+        rows = load_records(data)  # a single data file, whatever its name
+    if not Path(data).is_file():
+        for split in ("test", "validation"):
+            try:
+                return rows, load_records(data, split=split)
+            except FileNotFoundError:
+                pass
+    n_eval = n_eval or max(1, len(rows) // 10)
+    if len(rows) <= n_eval:
+        raise ValueError(f"{data} has only {len(rows)} rows and no test split: cannot hold out "
+                         f"--max-eval-samples={n_eval} rows for evaluation")
+    order = random.Random(seed).sample(range(len(rows)), len(rows))
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in sorted(order[:n_eval])]
+
+
+def column(rows: list[dict], name: str, source: str) -> str:
+    """The key of `rows` equal to `name` ignoring case (the hub's MedQuAD CSV says Question / Answer)."""
+    for key in rows[0]:
+        if key.lower() == name.lower():
+            return key
+    raise KeyError(f"{source} has no column {name!r} (columns: {sorted(rows[0])}): "
+                   "pass --question-column / --answer-column")
+
+
+def chat_rows(rows: list[dict], args, tokenizer, source: str) -> Records:
+    """One Llama-2 chat text per row with a non-empty answer, in this tokenizer's BOS/EOS strings."""
+    question, answer = column(rows, args.question_column, source), column(rows, args.answer_column, source)
+    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+    texts = [f"{bos}[INST] {row[question].strip()} [/INST] {row[answer].strip()} {eos}" for row in rows
+             if isinstance(row[answer], str) and row[answer].strip()]
+    return Records(({"text": text} for text in texts), source=source)
+
+
+def held_out_metrics(model, features, collate, batch_size: int) -> dict[str, float]:
+    """eval_loss (mean over batches, as transformers' Trainer), its perplexity, runtime and throughput."""
+    metrics = timed_evaluate(model, features, batch_size=batch_size, collate_fn=collate)
+    return {**metrics, "perplexity": math.exp(metrics["eval_loss"])}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.target_modules == ["all-linear"]:
+        args.target_modules = "all-linear"
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    reset_peak_memory(device)
+
+    revision = args.revision or (SAFETENSORS_REVISION if args.model == DEFAULT_MODEL else None)
+    tokenizer = ml.load_tokenizer(args.model, revision=revision)
+    train_rows, eval_rows = split_rows(args.data, args.max_eval_samples, args.seed)
+    train_rows = subsample(train_rows, args.max_train_samples, args.seed)
+    eval_rows = subsample(eval_rows, args.max_eval_samples, args.seed)
+    train_data = causal_lm_dataset(chat_rows(train_rows, args, tokenizer, f"{args.data} [train]"), tokenizer,
+                                   max_length=args.max_seq_length)
+    eval_data = causal_lm_dataset(chat_rows(eval_rows, args, tokenizer, f"{args.data} [held out]"), tokenizer,
+                                  max_length=args.max_seq_length)
+    # Pad with EOS, as the recipe: Llama-2 has no pad token (some copies add "<pad>" beyond the embeddings).
+    collate = Collator(pad_token_id=tokenizer.eos_token_id)
+    print(f"train rows {len(train_data)}, held-out rows {len(eval_data)}")
+
+    compute_dtype, bf16 = precision(device)
+    quantize = None if args.quantize == "none" else ml.QuantConfig(quant_type=args.quantize,
+                                                                   compute_dtype=compute_dtype)
+    model = ml.from_pretrained(args.model, task="causal-lm", dtype=torch.float32, device=device,
+                               quantize=quantize, revision=revision)
+    ml.apply_lora(model, ml.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                       lora_dropout=args.lora_dropout, target_modules=args.target_modules))
+    trainable, total = ml.trainable_parameters(model)
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+
+    before = held_out_metrics(model, eval_data, collate, args.batch_size)
+    print_metrics("before training (held-out)", before)
+
+    config = train_config(args, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                          gradient_checkpointing=True, optim=args.optim, lr_scheduler="constant",
+                          warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
+                          save_steps=args.save_steps, logging_steps=args.logging_steps, bf16=bf16)
+    summary = train(model, train_data, config, collate_fn=collate)
+    print_metrics("training", summary)
+
+    after = held_out_metrics(model, eval_data, collate, args.batch_size)
+    memory = peak_memory(device)
+    print_metrics("after training (held-out)", {**after, **memory})
+
+    adapter_dir = ml.save_adapter(model, Path(args.output_dir) / "adapter")
+    results = {"model": args.model, "data": args.data, "train_rows": len(train_data),
+               "eval_rows": len(eval_data), "trainable_parameters": trainable, "before": before,
+               "train": summary, "after": after, **memory, "adapter_dir": str(adapter_dir)}
+    write_results(args.output_dir, results)
+    return results
+
+
+if __name__ == "__main__":
+    run_script(main, OFFLINE)

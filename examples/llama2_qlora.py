@@ -1,0 +1,195 @@
+"""QLoRA of Llama-2-7b on mlabonne/guanaco-llama2-1k (Llama-2 chat SFT), with minilora alone.
+
+The recipe ("Fine-tune Llama 2 in a Colab notebook", M. Labonne): the base model in 4-bit NF4, LoRA
+r=64, alpha=16, dropout 0.1 on the attention q/v projections (peft's Llama default), gradient checkpointing,
+one epoch at batch 4, lr 2e-4 with a cosine schedule and 3% warmup, paged AdamW, max grad norm 0.3, weight
+decay 0.001, full-text loss on "<s>[INST] question [/INST] answer </s>" rows. `--train-head` also trains
+the LM head. It answers a few questions before and after training and, as a number, reports the perplexity
+on rows held out from training before and after.
+
+    python examples/llama2_qlora.py                                          # the recipe (GPU + hub)
+    python examples/llama2_qlora.py --model ../test-models/SmolLM2-135M-Instruct \\
+        --data ../shared/data/guanaco_llama2_1k --max-train-samples 200 --max-seq-length 256   # CPU, offline
+
+Llama-2's data carries its BOS/EOS as the literal strings "<s>" / "</s>". A model whose tokenizer names them
+differently (SmolLM2: <|im_start|> / <|im_end|>) gets them rewritten to its own, so the rows still start with
+BOS and end with the EOS generation stops at.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from common import (common_parser, peak_memory, print_metrics, reset_peak_memory, resolve_device, run_script,
+                    subsample, timed_evaluate, train_config, write_results)
+
+import minilora as ml
+from minilora.data import Collator, causal_lm_dataset, load_records
+from minilora.train import train  # not ml.train: this import rebinds it to the module
+
+OFFLINE = ("python examples/llama2_qlora.py --model ../test-models/SmolLM2-135M-Instruct "
+           "--data ../shared/data/guanaco_llama2_1k --max-train-samples 200 --max-seq-length 256")
+QUESTIONS = ["What is a large language model?", "What is the capital of France?",
+             "Give me three tips to stay healthy."]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = common_parser(__doc__.split("\n\n")[0], model="NousResearch/Llama-2-7b-hf",
+                           data="mlabonne/guanaco-llama2-1k", output_dir="out/llama2_qlora", epochs=1,
+                           lr=2e-4, batch_size=4, max_eval_samples=50)
+    parser.add_argument("--quantize", choices=["nf4", "fp4", "int8", "none"], default="nf4",
+                        help="how the frozen base is stored (none: plain LoRA on a dense base)")
+    parser.add_argument("--double-quant", action="store_true",
+                        help="4-bit: quantize the scales too (recipe: off)")
+    parser.add_argument("--lora-r", type=int, default=64, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (scaling = alpha / r)")
+    parser.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA input")
+    parser.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"],
+                        help="module names that get LoRA, or all-linear")
+    parser.add_argument("--train-head", action="store_true",
+                        help="also train the LM head (saved in the adapter as modules_to_save; with tied "
+                             "embeddings this trains the input embeddings too)")
+    parser.add_argument("--max-seq-length", type=int, default=1024,
+                        help="rows are truncated to this many tokens")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step")
+    parser.add_argument("--optim", default="paged_adamw_32bit",
+                        choices=["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"],
+                        help="optimizer (bitsandbytes' paged ones fall back to non-paged on CPU)")
+    parser.add_argument("--lr-scheduler", default="cosine", choices=["constant", "linear", "cosine"],
+                        help="learning-rate schedule after warmup")
+    parser.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
+    parser.add_argument("--weight-decay", type=float, default=0.001, help="AdamW weight decay")
+    parser.add_argument("--max-grad-norm", type=float, default=0.3, help="gradient clipping norm")
+    parser.add_argument("--logging-steps", type=int, default=25, help="log the training loss every N steps")
+    parser.add_argument("--questions", nargs="+", default=QUESTIONS,
+                        help="questions answered before and after training")
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="answer length limit (greedy decoding)")
+    return parser
+
+
+def precision(device: torch.device) -> tuple[torch.dtype, bool]:
+    """(compute dtype of the quantized layers, bf16 autocast): bf16 on GPUs that have it, fp32 on CPU."""
+    if device.type == "cuda":
+        return (torch.bfloat16, True) if torch.cuda.is_bf16_supported() else (torch.float16, False)
+    return torch.float32, False
+
+
+def with_own_special_tokens(text: str, tokenizer) -> str:
+    """Llama-2's literal "<s>" / "</s>" replaced by this tokenizer's BOS / EOS strings, if they differ."""
+    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+    return text.replace("<s>", bos).replace("</s>", eos) if (bos, eos) != ("<s>", "</s>") else text
+
+
+def split_rows(data: str, n_eval: int | None, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out): the train and test (or validation) splits when the data set has them, else all rows
+    of its one data file, n_eval of them (default 10%) held out at random (guanaco-llama2-1k's case)."""
+    try:
+        rows = load_records(data, split="train")
+    except FileNotFoundError:
+        rows = load_records(data)  # a single data file, whatever its name
+    if not Path(data).is_file():
+        for split in ("test", "validation"):
+            try:
+                return rows, load_records(data, split=split)
+            except FileNotFoundError:
+                pass
+    n_eval = n_eval or max(1, len(rows) // 10)
+    if len(rows) <= n_eval:
+        raise ValueError(f"{data} has only {len(rows)} rows and no test split: cannot hold out "
+                         f"--max-eval-samples={n_eval} rows for evaluation")
+    order = random.Random(seed).sample(range(len(rows)), len(rows))
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in sorted(order[:n_eval])]
+
+
+def answer(model, tokenizer, questions: list[str], max_new_tokens: int, device: torch.device) -> list[str]:
+    """Greedy answers to each question, prompted in the Llama-2 chat format the recipe trains on."""
+    model.eval()
+    answers = []
+    for question in questions:
+        prompt = with_own_special_tokens(f"<s>[INST] {question} [/INST]", tokenizer)
+        ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+        out = ml.generate(model, ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
+def held_out_metrics(model, features, collate, batch_size: int) -> dict[str, float]:
+    """eval_loss (mean over batches, as transformers' Trainer), its perplexity, runtime and throughput."""
+    metrics = timed_evaluate(model, features, batch_size=batch_size, collate_fn=collate)
+    return {**metrics, "perplexity": math.exp(metrics["eval_loss"])}
+
+
+def show_answers(title: str, questions: list[str], answers: list[str]) -> None:
+    print(f"\n== {title} ==")
+    for question, reply in zip(questions, answers, strict=True):
+        print(f"Q: {question}\nA: {reply}\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.target_modules == ["all-linear"]:
+        args.target_modules = "all-linear"
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    reset_peak_memory(device)
+
+    # Data: Llama-2 chat rows, tokenized whole (the loss covers question and answer, as in the recipe).
+    tokenizer = ml.load_tokenizer(args.model)
+    train_rows, eval_rows = split_rows(args.data, args.max_eval_samples, args.seed)
+    train_rows = subsample(train_rows, args.max_train_samples, args.seed)
+    eval_rows = subsample(eval_rows, args.max_eval_samples, args.seed)
+
+    def tokenize(rows):
+        rows = [{"text": with_own_special_tokens(row["text"], tokenizer)} for row in rows]
+        return causal_lm_dataset(rows, tokenizer, max_length=args.max_seq_length)
+
+    train_data, eval_data = tokenize(train_rows), tokenize(eval_rows)
+    # Pad with EOS, as the recipe: Llama-2 has no pad token (some copies add "<pad>" beyond the embeddings).
+    collate = Collator(pad_token_id=tokenizer.eos_token_id)
+    print(f"train rows {len(train_data)}, held-out rows {len(eval_data)}")
+
+    # Model: the frozen base in 4 bits (non-quantized weights stay fp32), LoRA on top.
+    compute_dtype, bf16 = precision(device)
+    quantize = None if args.quantize == "none" else ml.QuantConfig(
+        quant_type=args.quantize, double_quant=args.double_quant, compute_dtype=compute_dtype)
+    model = ml.from_pretrained(args.model, task="causal-lm", dtype=torch.float32, device=device,
+                               quantize=quantize)
+    ml.apply_lora(model, ml.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                       lora_dropout=args.lora_dropout, target_modules=args.target_modules,
+                                       modules_to_save=["lm_head"] if args.train_head else None))
+    trainable, total = ml.trainable_parameters(model)
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+
+    before = held_out_metrics(model, eval_data, collate, args.batch_size)
+    before["answers"] = answer(model, tokenizer, args.questions, args.max_new_tokens, device)
+    print_metrics("before training (held-out)", {k: v for k, v in before.items() if k != "answers"})
+    show_answers("answers before training", args.questions, before["answers"])
+
+    config = train_config(args, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                          gradient_checkpointing=True, optim=args.optim, lr_scheduler=args.lr_scheduler,
+                          warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+                          max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, bf16=bf16)
+    summary = train(model, train_data, config, collate_fn=collate)
+    print_metrics("training", summary)
+
+    after = held_out_metrics(model, eval_data, collate, args.batch_size)
+    after["answers"] = answer(model, tokenizer, args.questions, args.max_new_tokens, device)
+    print_metrics("after training (held-out)", {k: v for k, v in after.items() if k != "answers"})
+    show_answers("answers after training", args.questions, after["answers"])
+
+    adapter_dir = ml.save_adapter(model, Path(args.output_dir) / "adapter")
+    results = {"model": args.model, "data": args.data, "train_rows": len(train_data),
+               "eval_rows": len(eval_data), "trainable_parameters": trainable, "questions": args.questions,
+               "before": before, "train": summary, "after": after, **peak_memory(device),
+               "adapter_dir": str(adapter_dir)}
+    write_results(args.output_dir, results)
+    return results
+
+
+if __name__ == "__main__":
+    run_script(main, OFFLINE)
