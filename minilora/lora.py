@@ -2,13 +2,109 @@
 
 The base may be an `nn.Linear` or a quantized layer (NF4/int8): anything with `in_features`,
 `out_features`, a forward, and either a `weight` (dense) or a `dequantize()` method for merging.
+
+Training speed (what differs from peft, which gives the same results up to rounding and dropout draws):
+- The LoRA matmuls run in the activation dtype (bf16 in a bf16 / QLoRA model, as the QLoRA paper's code
+  did); the factors stay fp32 master weights, cast per call, so their gradients and updates are fp32.
+- Dropout masks come from 16 random bits per element (p rounded to a multiple of 1/65536), several times
+  cheaper than `bernoulli_` on CPU, and the 1/(1-p) rescaling is folded into the LoRA scaling.
+- LoRA layers fed the very same input tensor (q/k/v, gate/up) share one dropout mask and one dropped
+  input (`LoraLinear.share_dropout_mask`); peft draws one mask per layer. Each layer's dropout has the
+  same distribution either way; only the masks' correlation across sibling layers differs.
 """
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
+
+DROPOUT_RESOLUTION = 1 << 16  # dropout probabilities are rounded to multiples of 1 / 65536
+
+
+def dropout_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A 0/1 mask shaped and typed like x keeping each element with probability 1 - p', and p' (p rounded to a
+    multiple of 1/65536). Uses torch's default generator on x's device, so `torch.manual_seed` and gradient
+    checkpointing's RNG replay see it like any other draw."""
+    drop = round(p * DROPOUT_RESOLUTION)
+    n = x.numel()
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+    draws = words.view(torch.int16)[:n].view(x.shape)  # 4 uniform 16-bit draws per 64-bit word
+    keep = torch.empty_like(x, memory_format=torch.contiguous_format)
+    torch.ge(draws, drop - DROPOUT_RESOLUTION // 2, out=keep)  # comparisons into a float tensor: no bool pass
+    return keep, drop / DROPOUT_RESOLUTION
+
+
+class _LastDropout:
+    """The last dropped input, so LoRA layers that get the very same tensor (unchanged since) reuse it.
+
+    Holds the input weakly (an entry dies with its input) and the dropped copy strongly: whether a sibling
+    reuses it must not depend on autograd keeping it, or gradient checkpointing's replay would draw a
+    different number of masks than the forward did. A layer never reuses an entry twice, so calling one
+    layer again on the same tensor draws a new mask, as nn.Dropout would.
+    """
+
+    def __init__(self):
+        self.entry = None  # (weakref to input, input._version, p, dropped input, effective p, user ids)
+
+    def get(self, layer: nn.Module, x: torch.Tensor, p: float) -> tuple[torch.Tensor, float] | None:
+        if self.entry is None:
+            return None
+        ref, version, entry_p, dropped, p_eff, users = self.entry
+        if ref() is not x or x._version != version or entry_p != p or id(layer) in users:
+            return None
+        users.add(id(layer))
+        return dropped, p_eff
+
+    def put(self, layer: nn.Module, x: torch.Tensor, p: float, dropped: torch.Tensor, p_eff: float) -> None:
+        def forget(ref):
+            if self.entry is not None and self.entry[0] is ref:
+                self.entry = None
+
+        self.entry = (weakref.ref(x, forget), x._version, p, dropped, p_eff, {id(layer)})
+
+
+_last_dropout = _LastDropout()
+
+
+class _LoraUpdate(torch.autograd.Function):
+    """out + scaling * (h @ A.T) @ B.T, computed in out's dtype; A and B get gradients in their own dtype.
+
+    Written out because autograd's version costs ~2x on CPU: it computes B's gradient as the slow
+    transposed product g.T @ a, multiplies by the scaling as an extra pass, and adds B's product separately.
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, h: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+        dtype, out_features = out.dtype, out.shape[-1]
+        with torch.autocast(out.device.type, enabled=False):  # exactly out's dtype, even under autocast
+            h2 = h.reshape(-1, h.shape[-1]).to(dtype)
+            a_weight = lora_a.to(dtype)
+            scaled_b_t = (lora_b.t() * scaling).to(dtype).contiguous()  # (r, out): addmm's fast layout
+            a = h2 @ a_weight.t()
+            result = torch.addmm(out.reshape(-1, out_features), a, scaled_b_t)
+        ctx.save_for_backward(h2, a, a_weight, scaled_b_t)
+        ctx.scaling, ctx.h_shape = scaling, h.shape
+        ctx.dtypes = (h.dtype, lora_a.dtype, lora_b.dtype)
+        return result.view(out.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        h2, a, a_weight, scaled_b_t = ctx.saved_tensors
+        h_dtype, a_dtype, b_dtype = ctx.dtypes
+        g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
+        grad_a = g @ scaled_b_t.t()
+        grad_h = grad_lora_a = grad_lora_b = None
+        if ctx.needs_input_grad[1]:
+            grad_h = (grad_a @ a_weight).view(ctx.h_shape).to(h_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_lora_a = (grad_a.t() @ h2).to(a_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_lora_b = (a.t() @ g).t().to(b_dtype) * ctx.scaling
+        return grad if ctx.needs_input_grad[0] else None, grad_h, grad_lora_a, grad_lora_b, None
 
 
 def dense_weight(base: nn.Module) -> torch.Tensor:
@@ -25,6 +121,8 @@ class LoraLinear(nn.Module):
     `_parameters` and `_buffers` dicts, so `q_proj.weight` stays `q_proj.weight` (no `base_layer.` infix)
     while the LoRA factors live at `q_proj.lora_A.weight` and `q_proj.lora_B.weight`.
     """
+
+    share_dropout_mask: bool = True  # set False (on the class or one layer) for peft's one mask per layer
 
     def __init__(self, base: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: bool | str = True,
@@ -59,10 +157,22 @@ class LoraLinear(nn.Module):
         out = self.base_layer(x)
         if self.merged:
             return out
-        h = x.to(self.lora_A.weight.dtype)
-        if self.lora_dropout is not None:
-            h = self.lora_dropout(h)
-        return out + (self.lora_B(self.lora_A(h)) * self.scaling).to(out.dtype)
+        h, scaling = self._dropped(x)
+        return _LoraUpdate.apply(out, h, self.lora_A.weight, self.lora_B.weight, scaling)
+
+    def _dropped(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The LoRA input after dropout, and the scaling with dropout's 1 / (1 - p) folded in."""
+        dropout = self.lora_dropout
+        if dropout is None or not dropout.training or dropout.p == 0:
+            return x, self.scaling
+        shared = _last_dropout.get(self, x, dropout.p) if self.share_dropout_mask else None
+        if shared is None:
+            keep, p_eff = dropout_keep_mask(x, dropout.p)
+            shared = (x * keep, p_eff)
+            if self.share_dropout_mask:
+                _last_dropout.put(self, x, dropout.p, *shared)
+        dropped, p_eff = shared
+        return dropped, self.scaling / (1 - p_eff)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in fp32, the (out, in) update that merging adds to the base weight."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minilora import fused
 from minilora.checkpointing import run_block
 from minilora.models.outputs import ModelOutput
 
@@ -132,17 +133,6 @@ class LlamaRotaryEmbedding(nn.Module):
         return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x, (batch, heads, seq, head_dim), by the per-position angles in cos/sin, (batch, seq, head_dim)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
-
-
 class LlamaRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
@@ -150,10 +140,8 @@ class LlamaRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 for bf16/fp16 stability, cast back before the weight like HF does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x32.to(x.dtype)
+        # Normalises in fp32 for bf16/fp16 stability and casts back before the weight, like HF.
+        return fused.rms_norm(x, self.weight, self.variance_epsilon)
 
 
 class LlamaAttention(nn.Module):
@@ -173,20 +161,26 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = fused.rotary(q, cos, sin), fused.rotary(k, cos, sin)  # cos/sin halves are equal (cat(f, f))
         if past_kv is not None:
             k, v = torch.cat((past_kv[0], k), dim=2), torch.cat((past_kv[1], v), dim=2)
         new_kv = (k, v)
-        groups = self.num_heads // self.num_kv_heads  # each key/value head serves `groups` query heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         dropout = self.attention_dropout if self.training else 0.0
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1, dropout_p=dropout)
-        else:
+        sees_nothing = None
+        if mask is not None:
             # A left-padding query may see no key at all. Softmax over nothing is NaN on some backends, so
             # let it see every key, then zero its output as HF's SDPA path does (its loss depends on it).
             sees_nothing = ~mask.any(dim=-1, keepdim=True)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | sees_nothing, dropout_p=dropout)
+            mask = mask | sees_nothing
+        training_on_cpu = q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or v.requires_grad)
+        if training_on_cpu and past_kv is None and dropout == 0:
+            out = fused.attention(q, k, v, mask)  # SDPA's CPU backward is ~2x slower
+        else:
+            groups = self.num_heads // self.num_kv_heads  # each key/value head serves `groups` query heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
+                                                 dropout_p=dropout)
+        if sees_nothing is not None:
             out = out.masked_fill(sees_nothing, 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1)), new_kv
 
@@ -301,7 +295,7 @@ class LlamaForCausalLM(nn.Module):
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = fused.causal_lm_loss(logits, labels)
         return ModelOutput(loss=loss, logits=logits, past_key_values=cache)
 
     @staticmethod
