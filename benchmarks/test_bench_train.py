@@ -1,0 +1,42 @@
+"""1. SmolLM2-135M LoRA / QLoRA training steps; 2. loss-curve agreement (same init, data order, dropout 0).
+
+The QLoRA issue's hyperparameters: LoRA r=16, alpha 32, dropout 0.05 on all seven projections, batch 4 x 256.
+"""
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import report
+
+LABELS = {"fp32": "LoRA fp32", "bf16": "LoRA bf16", "nf4": "QLoRA NF4, bf16 compute"}
+QUICK = {("bf16", False), ("nf4", False)}
+STEP_CASES = [pytest.param(precision, gc, id=f"{precision}-{'gc' if gc else 'nogc'}",
+                           marks=() if (precision, gc) in QUICK else pytest.mark.full_only)
+              for precision in LABELS for gc in (False, True)]
+
+
+@pytest.mark.parametrize("precision,gc", STEP_CASES)
+def test_train_step(compare, bench, precision, gc):
+    bench.prepare("smollm2-135m")
+    params = {"precision": precision, "gradient_checkpointing": gc, "batch_size": 4, "seq_len": 256,
+              "warmup": 1, "steps": 2 if bench.quick else 3}
+    label = LABELS[precision] + (", gradient checkpointing" if gc else "")
+    pairs = compare(f"train:{precision}:gc={gc}", "train_step", params,
+                    lambda p: report.train_rows(report.SECTIONS["train"], label, p))
+    assert pairs["minilora"]["trainable"] == pairs["peft"]["trainable"]
+    for stack, result in pairs.items():
+        assert all(0 < loss < 20 for loss in result["losses"]), f"{stack}: {result['losses']}"  # NaN fails
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("nf4", marks=pytest.mark.full_only)])
+def test_loss_curve(compare, bench, precision):
+    bench.prepare("smollm2-135m")
+    params = {"precision": precision, "dropout": 0.0, "warmup": 0, "steps": 8 if bench.quick else 20,
+              "distinct_batches": 4, "batch_size": 2, "seq_len": 128, "lr": 2e-4}
+    pairs = compare(f"loss:{precision}", "train_step", params,
+                    lambda p: report.loss_rows(report.SECTIONS["loss"], LABELS[precision], p))
+    # 4 batches in a loop: by the last pass the loss on them must have fallen, or the curves compare nothing.
+    for stack, result in pairs.items():
+        first, last = sum(result["losses"][:4]), sum(result["losses"][-4:])
+        assert last < 0.98 * first, f"{stack}: the loss did not fall: {result['losses']}"
+    assert report.max_relative_loss_diff(pairs) <= report.LOSS_TOLERANCE[precision]
