@@ -165,11 +165,12 @@ class LoraLinear(nn.Module):
         dropout = self.lora_dropout
         if dropout is None or not dropout.training or dropout.p == 0:
             return x, self.scaling
-        shared = _last_dropout.get(self, x, dropout.p) if self.share_dropout_mask else None
+        share = self.share_dropout_mask and not x.is_inference()  # inference tensors have no version counter
+        shared = _last_dropout.get(self, x, dropout.p) if share else None
         if shared is None:
             keep, p_eff = dropout_keep_mask(x, dropout.p)
             shared = (x * keep, p_eff)
-            if self.share_dropout_mask:
+            if share:
                 _last_dropout.put(self, x, dropout.p, *shared)
         dropped, p_eff = shared
         return dropped, self.scaling / (1 - p_eff)

@@ -1,7 +1,7 @@
 """What the training-speed work changed, checked against oracles: fast dropout masks (rate, seeding, sharing
 between layers fed the same tensor, replay under gradient checkpointing), LoRA matmuls in the activation
-dtype, and the hand-written backward passes of minilora.fused (cross-entropy, attention, RMSNorm), down to a
-QLoRA loss curve equal to peft + bitsandbytes."""
+dtype, and the hand-written backward passes of minilora.fused (cross-entropy, RMSNorm, rotary, attention),
+up to a QLoRA loss curve equal to peft + bitsandbytes'."""
 import copy
 
 import pytest
@@ -90,6 +90,9 @@ def test_layers_fed_the_same_tensor_share_one_mask():
     assert not torch.equal(k(x), before)
     k.share_dropout_mask = False  # peft's behaviour: one mask per layer
     assert not torch.equal(q(x), k(x))
+    with torch.inference_mode():  # no version counter to check there: no sharing, still dropout
+        x = torch.randn(6, 12)
+        assert not torch.equal(q(x), q.eval()(x))
 
 
 def test_llama_draws_one_mask_per_distinct_input(monkeypatch, tmp_path):
@@ -274,14 +277,13 @@ def test_attention_bf16_error_is_sdpa_bf16_error():
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     exact = sdpa(q64, k64, v64, None)
     exact_grads = torch.autograd.grad(exact, (q64, k64, v64), g.double())
-    for fn in (fused.attention, None):
-        out = fused.attention(q, k, v) if fn else sdpa(q, k, v, None)
+
+    def errors(fn):
+        out = fn(q, k, v, None)
         grads = torch.autograd.grad(out, (q, k, v), g)
-        errors = [rel_err(out, exact)] + [rel_err(a, b) for a, b in zip(grads, exact_grads, strict=True)]
-        if fn:
-            ours = errors
-        else:
-            theirs = errors
+        return [rel_err(out, exact)] + [rel_err(a, b) for a, b in zip(grads, exact_grads, strict=True)]
+
+    ours, theirs = errors(fused.attention), errors(sdpa)
     for mine, sdpas in zip(ours, theirs, strict=True):
         assert mine < 2 * sdpas + 2e-3, (ours, theirs)
 
@@ -321,6 +323,28 @@ def test_rms_norm_equals_transformers_ops(x_dtype, w_dtype):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
+# ---------------------------------------------------------------- fused rotary embedding
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_equals_transformers(dtype):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 7, 4, 16, generator=g).to(dtype).transpose(1, 2).requires_grad_()  # as q_proj(x).view.T
+    k = torch.randn(2, 2, 7, 16, generator=g).to(dtype).requires_grad_()
+    freqs = torch.randn(2, 7, 8, generator=g)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    expected = apply_rotary_pos_emb(q, k, cos, sin)
+    got = (fused.rotary(q, cos, sin), fused.rotary(k, cos, sin))
+    grads = [torch.randn(t.shape, generator=g).to(dtype) for t in expected]
+    grads_expected = torch.autograd.grad(expected, (q, k), grads)
+    grads_got = torch.autograd.grad(got, (q, k), grads)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2  # bf16: one rounding fewer than transformers' chain
+    for a, b in zip((*got, *grads_got), (*expected, *grads_expected), strict=True):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
 # ---------------------------------------------------------------- the Llama training path
 
 def tiny_pair(tmp_path, **overrides):
@@ -350,6 +374,28 @@ def test_llama_training_loss_and_grads_equal_transformers(tmp_path):
     hf_params = dict(hf.named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, hf_params[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_llama_lora_trains_under_autocast(tmp_path, quantize):
+    """bf16 autocast over an fp32 model (train.py's bf16 flag), also with fp32-compute NF4 bases whose outputs
+    autocast leaves fp32 while other activations turn bf16: the hand-written backward passes must agree."""
+    tiny_pair(tmp_path)
+    qconfig = ml.QuantConfig("nf4", compute_dtype=torch.float32) if quantize else None
+    model = ml.apply_lora(ml.from_pretrained(tmp_path, dtype=torch.float32, quantize=qconfig),
+                          ml.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False)).train()
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = model(ids, labels=ids).loss
+    expected.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(ids, labels=ids).loss
+    got.backward()
+    assert abs(got.item() - expected.item()) < 1e-2 * expected.item()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad.dtype == torch.float32 and rel_err(p.grad, grads[name]) < 0.1, name
 
 
 def test_qlora_loss_curve_equals_peft_bitsandbytes(tmp_path):
