@@ -51,21 +51,30 @@ def test_keep_mask_follows_the_torch_seed():
     assert torch.equal(a, b) and not torch.equal(b, c)
 
 
-def lora_layer(seed=0, in_f=12, out_f=10, p=0.3):
+def lora_layer(seed=0, in_f=12, out_f=10, p=0.3, bias=True):
     torch.manual_seed(seed)
-    return LoraLinear(nn.Linear(in_f, out_f), r=4, lora_alpha=8, lora_dropout=p, init_lora_weights=False).train()
+    base = nn.Linear(in_f, out_f, bias=bias)
+    return LoraLinear(base, r=4, lora_alpha=8, lora_dropout=p, init_lora_weights=False).train()
 
 
-def test_dropout_output_is_the_documented_formula():
-    layer = lora_layer()
-    x = torch.randn(5, 7, 12)
+@pytest.mark.parametrize("bias", [True, False])  # without bias the update goes into the base output in place
+def test_dropout_output_and_grads_are_the_documented_formula(bias):
+    layer = lora_layer(bias=bias)
+    params = [layer.lora_A.weight, layer.lora_B.weight, layer.weight]
+    x = torch.randn(5, 7, 12, requires_grad=True)
     torch.manual_seed(11)
     keep, p_eff = dropout_keep_mask(x, 0.3)
     scale = layer.scaling / (1 - p_eff)
     expected = layer.base_layer(x) + ((x * keep) @ layer.lora_A.weight.T @ layer.lora_B.weight.T) * scale
+    grad = torch.randn(expected.shape)
+    grads_expected = torch.autograd.grad(expected, [x, *params], grad)
     torch.manual_seed(11)
-    torch.testing.assert_close(layer(x), expected)
+    got = layer(x)
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(torch.autograd.grad(got, [x, *params], grad), grads_expected, strict=True):
+        torch.testing.assert_close(a, b)
     layer.eval()
+    x = x.detach()
     plain = layer.base_layer(x) + (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T) * layer.scaling
     torch.testing.assert_close(layer(x), plain)
 
@@ -93,6 +102,53 @@ def test_layers_fed_the_same_tensor_share_one_mask():
     with torch.inference_mode():  # no version counter to check there: no sharing, still dropout
         x = torch.randn(6, 12)
         assert not torch.equal(q(x), q.eval()(x))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_shared_input_equals_calling_each_layer(p):
+    torch.manual_seed(0)
+    layers = [LoraLinear(nn.Linear(12, out_f, bias=bias), r=r, lora_alpha=8, lora_dropout=p,
+                         init_lora_weights=False).train()
+              for out_f, r, bias in ((10, 4, False), (6, 2, False), (6, 4, True))]
+    twins = copy.deepcopy(layers)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    x_twin = x.detach().clone().requires_grad_()
+    torch.manual_seed(1)
+    grouped = lora.shared_input(x, *layers)
+    torch.manual_seed(1)
+    separate = [layer(x_twin) for layer in twins]  # the same mask: they share it too
+    grads = [torch.randn(t.shape) for t in separate]
+    torch.autograd.backward(grouped, grads)
+    torch.autograd.backward(separate, grads)
+    for a, b in zip(grouped, separate, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(x.grad, x_twin.grad)
+    for layer, twin in zip(layers, twins, strict=True):
+        for name in ("lora_A", "lora_B"):
+            torch.testing.assert_close(getattr(layer, name).weight.grad, getattr(twin, name).weight.grad)
+
+
+def test_shared_input_calls_what_it_cannot_group(monkeypatch):
+    layers = [LoraLinear(nn.Linear(8, 8), r=2, lora_alpha=4, init_lora_weights=False) for _ in range(4)]
+    layers[0] = nn.Linear(8, 8)
+    layers[1].merge()
+    calls = []
+    layers[2].register_forward_hook(lambda *_: calls.append("hook"))
+    grouped_calls, update = [], lora._LoraUpdate
+
+    class Counting(update):
+        @staticmethod
+        def forward(ctx, h, scalings, *tensors):
+            grouped_calls.append(len(scalings))
+            return update.forward(ctx, h, scalings, *tensors)
+
+    monkeypatch.setattr(lora, "_LoraUpdate", Counting)
+    layers.append(LoraLinear(nn.Linear(8, 8), r=2, lora_alpha=4, init_lora_weights=False))
+    x = torch.randn(2, 8)
+    outs = lora.shared_input(x, *layers)
+    assert calls == ["hook"] and grouped_calls == [2, 1]  # layers 3 and 4 as one; the hooked one alone
+    for layer, out in zip(layers, outs, strict=True):
+        torch.testing.assert_close(out, layer(x))
 
 
 def test_llama_draws_one_mask_per_distinct_input(monkeypatch, tmp_path):
@@ -201,7 +257,13 @@ def test_causal_lm_loss_is_transformers_shifted_mean():
     labels = torch.randint(0, 11, (2, 6))
     labels[0, :3] = -100
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
-    torch.testing.assert_close(fused.causal_lm_loss(logits, labels), expected, atol=1e-6, rtol=1e-6)
+    (grad_expected,) = torch.autograd.grad(expected, logits)
+    got = fused.causal_lm_loss(logits, labels)
+    (grad_got,) = torch.autograd.grad(got, logits)  # d loss = 1: the gradient computed in forward as is
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad_got, grad_expected, atol=1e-7, rtol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.causal_lm_loss(logits, labels), expected, atol=1e-6, rtol=1e-6)
 
 
 def test_cross_entropy_bad_input():
@@ -232,7 +294,7 @@ def test_lm_loss_keeps_no_fp32_logits_for_backward():
     _, ours = saved_bytes(lambda: fused.causal_lm_loss(logits, labels))
     _, torch_way = saved_bytes(lambda: F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()))
     logits_bytes = logits.numel() * logits.element_size()
-    assert ours < logits_bytes * 1.05  # the bf16 logits themselves (the model output) + per-row stats
+    assert ours < logits_bytes * 1.05  # one bf16 logits-sized tensor: their gradient
     assert torch_way > 1.9 * logits_bytes  # what it replaces: an fp32 copy
 
 

@@ -5,6 +5,10 @@ Data flow per layer (pre-norm residual blocks):
 
     x = x + o_proj(attention(rope(q_proj(norm(x))), rope(k_proj(norm(x))), v_proj(norm(x))))
     x = x + down_proj(silu(gate_proj(norm(x))) * up_proj(norm(x)))
+
+Training-speed details live elsewhere: norm, rope, attention (on CPU, with grad) and the loss use the
+hand-written backward passes of `minilora.fused`; `shared_input` runs the LoRA branches of q/k/v and of
+gate/up together.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from torch import nn
 
 from minilora import fused
 from minilora.checkpointing import run_block
+from minilora.lora import shared_input
 from minilora.models.outputs import ModelOutput
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # one (key, value) pair per layer, (batch, kv_heads, seq, head_dim)
@@ -158,9 +163,8 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, past_kv=None):
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (t.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+                   for t in shared_input(x, self.q_proj, self.k_proj, self.v_proj))
         q, k = fused.rotary(q, cos, sin), fused.rotary(k, cos, sin)  # cos/sin halves are equal (cat(f, f))
         if past_kv is not None:
             k, v = torch.cat((past_kv[0], k), dim=2), torch.cat((past_kv[1], v), dim=2)
@@ -194,7 +198,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = shared_input(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
