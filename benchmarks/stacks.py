@@ -111,13 +111,9 @@ def seeded_lora_init(model: nn.Module, seed: int = 0, b_std: float = 0.0) -> int
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total), the same rule for both stacks: shared tensors once, a packed 4-bit byte = 2."""
-    trainable = total = 0
-    for p in model.parameters():
-        n = p.numel() * (2 if getattr(p, "quant_state", None) is not None else 1)
-        total += n
-        trainable += n if p.requires_grad else 0
-    return trainable, total
+    """(trainable, total), the same rule for both stacks: minilora's (shared tensors once, a packed 4-bit
+    byte = 2 parameters), which works on any nn.Module."""
+    return minilora_api("trainable_parameters").trainable_parameters(model)
 
 
 def enable_gradient_checkpointing(stack: str, model: nn.Module) -> None:

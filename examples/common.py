@@ -204,3 +204,38 @@ def run_script(main: Callable[[list[str] | None], Any], offline_command: str,
     except ConnectionError as e:
         print(f"error: {e}\n\n{offline_hint(offline_command)}", file=sys.stderr)
         sys.exit(2)
+
+
+def hold_out(rows: Sequence[dict], n_eval: int | None, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out): n_eval rows (default 10%) held out at random, for data sets with one split."""
+    n_eval = n_eval or max(1, len(rows) // 10)
+    if len(rows) <= n_eval:
+        raise ValueError(f"the data has only {len(rows)} rows and no test split: cannot hold out "
+                         f"--max-eval-samples={n_eval} rows for evaluation")
+    order = random.Random(seed).sample(range(len(rows)), len(rows))
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in sorted(order[:n_eval])]
+
+
+def split_rows(data: str, n_eval: int | None, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out): the train and test (or validation) splits when the data set has them, else all rows
+    of its one data file with `hold_out` (guanaco-llama2-1k's and MedQuAD's case)."""
+    from minilora.data import load_records  # after the sys.path set-up above
+    try:
+        rows = load_records(data, split="train")
+    except FileNotFoundError:
+        rows = load_records(data)  # a single data file, whatever its name
+    if not Path(data).is_file():
+        for split in ("test", "validation"):
+            try:
+                return rows, load_records(data, split=split)
+            except FileNotFoundError:
+                pass
+    return hold_out(rows, n_eval, seed)
+
+
+def qlora_precision(device: torch.device) -> tuple[torch.dtype, bool]:
+    """(compute dtype of the quantized layers, bf16 autocast): bf16 on GPUs that have it, fp16 on older GPUs,
+    fp32 on CPU."""
+    if device.type == "cuda":
+        return (torch.bfloat16, True) if torch.cuda.is_bf16_supported() else (torch.float16, False)
+    return torch.float32, False

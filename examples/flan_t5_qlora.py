@@ -18,18 +18,17 @@ out of the training rows.
 from __future__ import annotations
 
 import argparse
-import random
 from pathlib import Path
 
 import torch
-from common import (common_parser, peak_memory, print_metrics, reset_peak_memory, resolve_device, run_script,
+from common import (common_parser, hold_out, peak_memory, print_metrics, reset_peak_memory, resolve_device, run_script,
                     subsample, timed_evaluate, train_config, write_results)
 
 import minilora as ml
 from minilora.data import Collator, load_records, seq2seq_dataset
 from minilora.data.readers import Records
 from minilora.hub import resolve_files
-from minilora.train import train  # not ml.train: this import rebinds it to the module
+from minilora.train import train
 
 OFFLINE = ("python examples/flan_t5_qlora.py --model ../test-models/t5-random-flan-small-shape "
            "--data ../shared/data/openorca --max-train-samples 200 --max-target-length 64")
@@ -81,15 +80,6 @@ def read_rows(data: str, data_file: str) -> Records:
         return load_records(data)
 
 
-def split_rows(rows: list[dict], n_eval: int | None, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out): n_eval rows (default 10%) held out at random (OpenOrca has only a train split)."""
-    n_eval = n_eval or max(1, len(rows) // 10)
-    if len(rows) <= n_eval:
-        raise ValueError(f"the data has only {len(rows)} rows: cannot hold out --max-eval-samples={n_eval}")
-    order = random.Random(seed).sample(range(len(rows)), len(rows))
-    return [rows[i] for i in order[n_eval:]], [rows[i] for i in sorted(order[:n_eval])]
-
-
 def prompt_rows(rows: list[dict]) -> list[dict]:
     """{"source": system prompt + question, "target": response} per row."""
     def prompt(row: dict) -> str:
@@ -130,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Data: prompts over the input limit are dropped, not truncated, so no question is learned cut off.
     tokenizer = ml.load_tokenizer(args.model)
-    train_rows, eval_rows = split_rows(prompt_rows(read_rows(args.data, args.data_file)),
+    train_rows, eval_rows = hold_out(prompt_rows(read_rows(args.data, args.data_file)),
                                        args.max_eval_samples, args.seed)
     train_rows = subsample(train_rows, args.max_train_samples, args.seed)
 

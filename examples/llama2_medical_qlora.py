@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 from pathlib import Path
 
 import torch
-from common import (common_parser, peak_memory, print_metrics, reset_peak_memory, resolve_device, run_script,
+from common import (common_parser, peak_memory, print_metrics, qlora_precision, reset_peak_memory,
+                    resolve_device, run_script, split_rows,
                     subsample, timed_evaluate, train_config, write_results)
 
 import minilora as ml
-from minilora.data import Collator, causal_lm_dataset, load_records
+from minilora.data import Collator, causal_lm_dataset
 from minilora.data.readers import Records
-from minilora.train import train  # not ml.train: this import rebinds it to the module
+from minilora.train import train
 
 DEFAULT_MODEL = "abhishek/llama-2-7b-hf-small-shards"
 SAFETENSORS_REVISION = "refs/pr/7"  # its main branch holds only pickled weights, which minilora never loads
@@ -63,34 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-steps", type=int, default=75, help="write a checkpoint every N steps")
     parser.add_argument("--logging-steps", type=int, default=75, help="log the training loss every N steps")
     return parser
-
-
-def precision(device: torch.device) -> tuple[torch.dtype, bool]:
-    """(compute dtype of the quantized layers, bf16 autocast): bf16 on GPUs that have it, fp32 on CPU."""
-    if device.type == "cuda":
-        return (torch.bfloat16, True) if torch.cuda.is_bf16_supported() else (torch.float16, False)
-    return torch.float32, False
-
-
-def split_rows(data: str, n_eval: int | None, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out): the train and test (or validation) splits when the data set has them, else all rows
-    of its one data file, n_eval of them (default 10%) held out at random."""
-    try:
-        rows = load_records(data, split="train")
-    except FileNotFoundError:
-        rows = load_records(data)  # a single data file, whatever its name
-    if not Path(data).is_file():
-        for split in ("test", "validation"):
-            try:
-                return rows, load_records(data, split=split)
-            except FileNotFoundError:
-                pass
-    n_eval = n_eval or max(1, len(rows) // 10)
-    if len(rows) <= n_eval:
-        raise ValueError(f"{data} has only {len(rows)} rows and no test split: cannot hold out "
-                         f"--max-eval-samples={n_eval} rows for evaluation")
-    order = random.Random(seed).sample(range(len(rows)), len(rows))
-    return [rows[i] for i in order[n_eval:]], [rows[i] for i in sorted(order[:n_eval])]
 
 
 def column(rows: list[dict], name: str, source: str) -> str:
@@ -138,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     collate = Collator(pad_token_id=tokenizer.eos_token_id)
     print(f"train rows {len(train_data)}, held-out rows {len(eval_data)}")
 
-    compute_dtype, bf16 = precision(device)
+    compute_dtype, bf16 = qlora_precision(device)
     quantize = None if args.quantize == "none" else ml.QuantConfig(quant_type=args.quantize,
                                                                    compute_dtype=compute_dtype)
     model = ml.from_pretrained(args.model, task="causal-lm", dtype=torch.float32, device=device,

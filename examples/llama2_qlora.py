@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 from pathlib import Path
 
 import torch
 
-from common import (common_parser, peak_memory, print_metrics, reset_peak_memory, resolve_device, run_script,
+from common import (common_parser, peak_memory, print_metrics, qlora_precision, reset_peak_memory,
+                    resolve_device, run_script, split_rows,
                     subsample, timed_evaluate, train_config, write_results)
 
 import minilora as ml
-from minilora.data import Collator, causal_lm_dataset, load_records
-from minilora.train import train  # not ml.train: this import rebinds it to the module
+from minilora.data import Collator, causal_lm_dataset
+from minilora.train import train
 
 OFFLINE = ("python examples/llama2_qlora.py --model ../test-models/SmolLM2-135M-Instruct "
            "--data ../shared/data/guanaco_llama2_1k --max-train-samples 200 --max-seq-length 256")
@@ -72,38 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def precision(device: torch.device) -> tuple[torch.dtype, bool]:
-    """(compute dtype of the quantized layers, bf16 autocast): bf16 on GPUs that have it, fp32 on CPU."""
-    if device.type == "cuda":
-        return (torch.bfloat16, True) if torch.cuda.is_bf16_supported() else (torch.float16, False)
-    return torch.float32, False
-
-
 def with_own_special_tokens(text: str, tokenizer) -> str:
     """Llama-2's literal "<s>" / "</s>" replaced by this tokenizer's BOS / EOS strings, if they differ."""
     bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
     return text.replace("<s>", bos).replace("</s>", eos) if (bos, eos) != ("<s>", "</s>") else text
-
-
-def split_rows(data: str, n_eval: int | None, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out): the train and test (or validation) splits when the data set has them, else all rows
-    of its one data file, n_eval of them (default 10%) held out at random (guanaco-llama2-1k's case)."""
-    try:
-        rows = load_records(data, split="train")
-    except FileNotFoundError:
-        rows = load_records(data)  # a single data file, whatever its name
-    if not Path(data).is_file():
-        for split in ("test", "validation"):
-            try:
-                return rows, load_records(data, split=split)
-            except FileNotFoundError:
-                pass
-    n_eval = n_eval or max(1, len(rows) // 10)
-    if len(rows) <= n_eval:
-        raise ValueError(f"{data} has only {len(rows)} rows and no test split: cannot hold out "
-                         f"--max-eval-samples={n_eval} rows for evaluation")
-    order = random.Random(seed).sample(range(len(rows)), len(rows))
-    return [rows[i] for i in order[n_eval:]], [rows[i] for i in sorted(order[:n_eval])]
 
 
 def answer(model, tokenizer, questions: list[str], max_new_tokens: int, device: torch.device) -> list[str]:
@@ -154,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"train rows {len(train_data)}, held-out rows {len(eval_data)}")
 
     # Model: the frozen base in 4 bits (non-quantized weights stay fp32), LoRA on top.
-    compute_dtype, bf16 = precision(device)
+    compute_dtype, bf16 = qlora_precision(device)
     quantize = None if args.quantize == "none" else ml.QuantConfig(
         quant_type=args.quantize, double_quant=args.double_quant, compute_dtype=compute_dtype)
     model = ml.from_pretrained(args.model, task="causal-lm", dtype=torch.float32, device=device,
