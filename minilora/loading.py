@@ -7,7 +7,9 @@ layer is quantized as soon as its weight is read: the full-precision model never
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -21,8 +23,8 @@ from torch import nn
 
 from minilora.hub import PICKLED_WEIGHT_PATTERNS, pickled_weights_message, resolve_model_dir
 from minilora.models import FAMILIES, model_classes
-from minilora.safetensors_io import (CheckpointError, SafetensorsFile, _atomic_write, load_safetensors,  # noqa: F401
-                                     save_safetensors)
+from minilora.safetensors_io import (CheckpointError, LazyTensor, SafetensorsFile, _atomic_write,  # noqa: F401
+                                     load_safetensors, save_safetensors)
 
 if TYPE_CHECKING:
     from minilora.quant import QuantConfig
@@ -78,6 +80,9 @@ class Checkpoint:
 
     def read(self, key: str) -> torch.Tensor:
         return self.where[key].read(key)
+
+    def lazy(self, key: str) -> LazyTensor:
+        return self.where[key].lazy(key)
 
     def majority_float_dtype(self) -> torch.dtype | None:
         counts: dict[torch.dtype, int] = {}
@@ -255,6 +260,8 @@ def _load_weights(model: nn.Module, checkpoint: Checkpoint, config_dict: dict, d
             layer = _load_quantized(module, path, mapping, checkpoint, qconfig, prequantized, dtype, device)
             parent, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent), name, layer)
+            if device.type == "cpu":
+                _return_freed_memory()
             continue
         prefix = path + "." if path else ""
         own = {n: t for n, t in [*module._parameters.items(), *module._buffers.items()]
@@ -267,9 +274,24 @@ def _load_weights(model: nn.Module, checkpoint: Checkpoint, config_dict: dict, d
                 model.init_weights(module)
         for n in own:
             if prefix + n in mapping:  # tied copies too: tie_weights() decides (T5 keeps a differing lm_head)
-                value = checkpoint.read(mapping[prefix + n])
-                materialise(module, n, value.to(device, dtype if value.is_floating_point() else value.dtype))
+                materialise(module, n, _read_as(checkpoint.lazy(mapping[prefix + n]), device, dtype))
     model.tie_weights()
+
+
+READ_CHUNK_BYTES = 1 << 22
+
+
+def _read_as(tensor: LazyTensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A checkpoint tensor on `device`, floating-point ones in `dtype`. Converted or moved a few rows at a time,
+    so a stored copy of a large tensor (e.g. the fp32 embeddings of a model loaded in bf16) never exists."""
+    dtype = dtype if tensor.dtype.is_floating_point else tensor.dtype
+    if (dtype == tensor.dtype and device.type == "cpu") or not tensor.shape or not tensor.shape[0]:
+        return tensor[:].to(device, dtype)
+    out = torch.empty(tensor.shape, dtype=dtype, device=device)
+    rows = max(1, READ_CHUNK_BYTES // (tensor.shape.numel() // tensor.shape[0] * tensor.dtype.itemsize or 1))
+    for start in range(0, tensor.shape[0], rows):
+        out[start:start + rows] = tensor[start:start + rows]
+    return out
 
 
 def _quantized_paths(model: nn.Module, qconfig, prequantized: bool, mapping: dict[str, str],
@@ -323,9 +345,26 @@ def _load_quantized(module: nn.Linear, path: str, mapping: dict[str, str], check
         tensors = {k[len(prefix):]: checkpoint.read(ck) for k, ck in mapping.items() if k.startswith(prefix)}
         return quant.load_prequantized_linear(tensors, module.in_features, module.out_features, qconfig, device,
                                               prefix=prefix)
-    weight = checkpoint.read(mapping[prefix + "weight"]).to(device, dtype)
-    bias = checkpoint.read(mapping[prefix + "bias"]).to(device, dtype) if module.bias is not None else None
-    return quant.quantize_linear(weight, bias, qconfig, device)
+    # Read and quantized a few rows at a time: the full-precision matrix never exists.
+    weight = checkpoint.lazy(mapping[prefix + "weight"])
+    bias = checkpoint.read(mapping[prefix + "bias"]) if module.bias is not None else None
+    return quant.quantize_linear(weight, bias, qconfig, device, dtype)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc). Quantizing frees many temporaries between the
+    packed weights it keeps; without this, that fragmented free memory stays in RSS (~25% of the model)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _names(keys: list[str], limit: int = 12) -> str:

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -285,30 +286,75 @@ def _frozen(bias: torch.Tensor | None) -> nn.Parameter | None:
 # Building layers: from a dense weight, or from a checkpoint's packed tensors
 
 
+QUANTIZE_CHUNK_ELEMENTS = 1 << 18  # weights per bitsandbytes call: its temporaries stay ~5 MB
+
+
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, qconfig: QuantConfig,
-                    device: torch.device | str | None = None) -> nn.Module:
-    """A frozen NF4Linear / Int8Linear holding `weight` (out, in) quantized on `device` (default: its own)."""
-    if weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(f"quantize_linear needs a floating (out, in) weight, got {weight.dtype} {tuple(weight.shape)}")
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},) for the weight")
-    device = torch.device(device) if device is not None else weight.device
-    weight = weight.detach().to(device)
-    if weight.dtype not in COMPUTE_DTYPES:
-        weight = weight.float()
-    bias = None if bias is None else bias.detach().to(device)
-    bnb = _bnb()
-    if qconfig.quant_type == "int8":
+                    device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """A frozen NF4Linear / Int8Linear holding `weight` (out, in) quantized on `device` (default: its own).
+
+    `weight` is a tensor, or anything with `.shape`, `.dtype` and row ranges `weight[a:b]` as tensors (a
+    checkpoint tensor read lazily). It is quantized a few rows at a time, cast to `dtype` (default: its own)
+    on the way: bitsandbytes' temporaries stay small and no full-precision copy of the matrix is made. The
+    result is bit for bit what one bitsandbytes call on the whole matrix gives.
+    """
+    shape = tuple(weight.shape)
+    if len(shape) != 2 or not weight.dtype.is_floating_point:
+        raise ValueError(f"quantize_linear needs a floating (out, in) weight, got {weight.dtype} {shape}")
+    if bias is not None and tuple(bias.shape) != shape[:1]:
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({shape[0]},) for the weight")
+    device = torch.device(device) if device is not None else getattr(weight, "device", torch.device("cpu"))
+    dtype = dtype or weight.dtype
+    if dtype not in COMPUTE_DTYPES:
+        dtype = torch.float32
+    bias = None if bias is None else bias.detach().to(device, dtype)
+    four_bit = qconfig.quant_type != "int8"
+    # A chunk of whole rows holding whole 4-bit blocks, so blocks (and packed byte pairs) never straddle chunks.
+    rows_step = qconfig.blocksize // math.gcd(shape[1], qconfig.blocksize) if four_bit else 1
+    rows = max(rows_step, QUANTIZE_CHUNK_ELEMENTS // max(shape[1], 1) // rows_step * rows_step)
+    chunks = (weight[a:a + rows].detach().to(device, dtype) for a in range(0, shape[0], rows))
+    if not four_bit:
+        return Int8Linear(*_quantize_int8(chunks, shape, device), bias, qconfig.compute_dtype)
+    return NF4Linear(_quantize_4bit(chunks, shape, dtype, qconfig, device), bias, qconfig.compute_dtype)
+
+
+def _quantize_int8(chunks: Iterable[torch.Tensor], shape: tuple[int, int],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    int8_weight = torch.empty(shape, dtype=torch.int8, device=device)
+    scb = torch.empty(shape[0], dtype=torch.float32, device=device)
+    row = 0
+    for chunk in chunks:
         # Through fp16 like bnb's Int8Params, so the int8 rows equal what transformers' load_in_8bit stores.
-        int8_weight, scb, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16))
-        return Int8Linear(int8_weight, scb, bias, qconfig.compute_dtype)
-    packed, state = bnb.functional.quantize_4bit(weight.contiguous(), blocksize=qconfig.blocksize,
-                                                 compress_statistics=qconfig.double_quant,
-                                                 quant_type=qconfig.quant_type, quant_storage=torch.uint8)
-    param = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=qconfig.blocksize,
-                              compress_statistics=qconfig.double_quant, quant_type=qconfig.quant_type,
-                              bnb_quantized=True)
-    return NF4Linear(param, bias, qconfig.compute_dtype)
+        int8_rows, chunk_scb, _ = _bnb().functional.int8_vectorwise_quant(chunk.to(torch.float16))
+        int8_weight[row:row + len(chunk)], scb[row:row + len(chunk)] = int8_rows, chunk_scb
+        row += len(chunk)
+    return int8_weight, scb
+
+
+def _quantize_4bit(chunks: Iterable[torch.Tensor], shape: tuple[int, int], dtype: torch.dtype,
+                   qconfig: QuantConfig, device: torch.device) -> nn.Parameter:
+    """bitsandbytes.functional.quantize_4bit, one row chunk at a time: the same packed bytes and state."""
+    bnb = _bnb()
+    n, blocksize = shape[0] * shape[1], qconfig.blocksize
+    packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
+    done = 0
+    for chunk in chunks:
+        chunk_packed, chunk_absmax = torch.ops.bitsandbytes.quantize_4bit.default(
+            chunk, blocksize, qconfig.quant_type, torch.uint8)
+        packed[done // 2:done // 2 + len(chunk_packed)] = chunk_packed.view(-1, 1)
+        absmax[done // blocksize:done // blocksize + len(chunk_absmax)] = chunk_absmax
+        done += chunk.numel()
+    offset = state2 = None
+    if qconfig.double_quant:  # the per-block scales, 8-bit quantized in blocks of 256 around their mean
+        offset = absmax.mean()
+        absmax, state2 = bnb.functional.quantize_blockwise(absmax - offset, blocksize=256)
+    state = bnb.functional.QuantState(
+        absmax=absmax, shape=torch.Size(shape), code=bnb.functional.get_4bit_type(qconfig.quant_type, device=device),
+        blocksize=blocksize, quant_type=qconfig.quant_type, dtype=dtype, offset=offset, state2=state2)
+    return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=blocksize,
+                             compress_statistics=qconfig.double_quant, quant_type=qconfig.quant_type,
+                             bnb_quantized=True)
 
 
 def is_quantized_in_checkpoint(names: Iterable[str]) -> bool:

@@ -92,12 +92,22 @@ class SafetensorsFile:
     def dtype(self, key: str) -> torch.dtype:
         return SAFETENSORS_DTYPES[self.entries[key]["dtype"]]
 
-    def read(self, key: str) -> torch.Tensor:
-        """The tensor `key` as a new CPU tensor in its stored dtype, read with `readinto` (no mmap)."""
+    def read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """The tensor `key` (or its rows [start, stop) along dim 0) as a new CPU tensor in its stored dtype,
+        read with `readinto` (no mmap)."""
         if key not in self.entries:
             raise KeyError(f"{self.path} has no tensor {key!r}")
+        shape = self.shape(key)
         begin, end = self.entries[key]["data_offsets"]
-        tensor = torch.empty(self.shape(key), dtype=self.dtype(key))
+        if start is not None or stop is not None:
+            if not shape:
+                raise ValueError(f"{self.path}: tensor {key!r} is a scalar; it has no rows to read")
+            start, stop, _ = slice(start, stop).indices(shape[0])
+            stop = max(start, stop)
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+            begin, end = begin + start * row_bytes, begin + stop * row_bytes
+            shape = torch.Size((stop - start, *shape[1:]))
+        tensor = torch.empty(shape, dtype=self.dtype(key))
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
         self._file.seek(self.data_start + begin)
         done = 0
@@ -109,6 +119,12 @@ class SafetensorsFile:
             done += n
         return tensor
 
+    def lazy(self, key: str) -> LazyTensor:
+        """`key` unread: its shape and dtype now, row ranges on demand."""
+        if key not in self.entries:
+            raise KeyError(f"{self.path} has no tensor {key!r}")
+        return LazyTensor(self, key)
+
     def close(self) -> None:
         self._file.close()
 
@@ -117,6 +133,22 @@ class SafetensorsFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class LazyTensor:
+    """A tensor of an open SafetensorsFile, not read yet: `.shape`, `.dtype`, and `t[a:b]` reads rows a to b."""
+
+    def __init__(self, file: SafetensorsFile, key: str):
+        self.file, self.key = file, key
+        self.shape, self.dtype = file.shape(key), file.dtype(key)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError(f"LazyTensor reads contiguous row ranges t[a:b], got {rows!r}")
+        return self.file.read(self.key, rows.start, rows.stop)
+
+    def __len__(self) -> int:
+        return self.shape[0]
 
 
 def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -177,8 +177,8 @@ def test_loading_reads_each_tensor_once_and_holds_no_copy(llama_dir, monkeypatch
     read: dict[str, torch.Tensor] = {}
     original = SafetensorsFile.read
 
-    def spy(self, key):
-        assert key not in read, f"{key} read twice"
+    def spy(self, key, start=None, stop=None):
+        assert key not in read and (start, stop) == (None, None), f"{key} read twice or in parts"
         read[key] = original(self, key)
         return read[key]
 
@@ -424,6 +424,20 @@ def test_own_reader_and_writer_match_safetensors_on_every_dtype(tmp_path):
             assert torch.equal(reference.get_tensor(key), t), key
 
 
+def test_reader_reads_row_ranges(tmp_path):
+    t = torch.arange(24, dtype=torch.float32).reshape(6, 2, 2)
+    loading.save_safetensors({"t": t, "s": torch.tensor(1.0)}, tmp_path / "x.safetensors")
+    with SafetensorsFile(tmp_path / "x.safetensors") as f:
+        assert torch.equal(f.read("t", 1, 4), t[1:4]) and torch.equal(f.read("t", 4), t[4:])
+        assert torch.equal(f.read("t", -2, None), t[-2:]) and f.read("t", 5, 2).shape == (0, 2, 2)
+        lazy = f.lazy("t")
+        assert lazy.shape == t.shape and lazy.dtype == t.dtype and torch.equal(lazy[2:5], t[2:5])
+        with pytest.raises(ValueError, match="scalar"):
+            f.read("s", 0, 1)
+        with pytest.raises(TypeError, match="row ranges"):
+            lazy[::2]
+
+
 # ------------------------------------------------------------------------------------ real checkpoints
 
 
@@ -463,6 +477,28 @@ def test_real_checkpoint_peak_memory_stays_near_model_size():
     before, peak, size = map(int, result.stdout.split())
     growth = peak - before
     assert growth < 1.1 * size, f"peak RSS grew by {growth / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model"
+
+
+def test_real_checkpoint_quantized_on_load_peaks_near_the_quantized_size():
+    """SmolLM2 loaded with quantize="nf4" in a fresh process: weights are read and quantized a few rows at a
+    time, so peak RSS grows by about the NF4 model, not by its 16-bit weights (issue: at most 1.25x)."""
+    folder = real_model_dir("SmolLM2-135M-Instruct")
+    script = (
+        "import re, torch, bitsandbytes, minilora.loading as L, minilora.quant as Q\n"
+        "from benchmarks.measure import tensor_bytes\n"
+        "def rss(field): return int(re.search(field + r':\\s+(\\d+)', open('/proc/self/status').read())[1]) * 1024\n"
+        "with torch.device('meta'):\n"
+        "    torch.nn.Embedding(2, 2)\n"
+        "Q.quantize_linear(torch.randn(64, 64), None, Q.QuantConfig())\n"  # bitsandbytes' one-time set-up
+        "before = rss('VmRSS')\n"
+        f"model = L.from_pretrained({str(folder)!r}, quantize='nf4', dtype=torch.bfloat16)\n"
+        "print(before, rss('VmHWM'), tensor_bytes(model))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    before, peak, size = map(int, result.stdout.split()[-3:])
+    assert peak - before < 1.25 * size, f"peak RSS grew by {(peak - before) / 2**20:.0f} MiB for a " \
+                                        f"{size / 2**20:.0f} MiB NF4 model"
 
 
 def test_quantize_on_load_matches_a_transformers_quantized_checkpoint(tmp_path, llama_dir):

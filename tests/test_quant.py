@@ -80,6 +80,48 @@ def test_4bit_packs_the_same_bytes_and_state_dict_as_bnb_linear4bit(quant_type, 
     assert torch.equal(ours(x), ref(x))
 
 
+@pytest.mark.parametrize("quant_type, double_quant", FOUR_BIT)
+@pytest.mark.parametrize("shape, blocksize", [((48, 64), 64), ((40, 72), 64), ((13, 9), 64), ((24, 96), 256)])
+def test_quantizing_in_row_chunks_equals_one_bitsandbytes_call(monkeypatch, quant_type, double_quant, shape,
+                                                               blocksize):
+    """Chunks hold whole blocks (72 columns: 8 rows per 64-weight block step; 13 x 9: a partial last block)."""
+    monkeypatch.setattr(quant, "QUANTIZE_CHUNK_ELEMENTS", 100)  # several chunks per matrix
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).bfloat16()
+    ours = quant.quantize_linear(w, None, QuantConfig(quant_type, double_quant, blocksize=blocksize))
+    packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
+                                       quant_type=quant_type, quant_storage=torch.uint8)
+    assert torch.equal(ours.weight.data, packed) and ours.weight.quant_state == state
+    assert ours.weight.quant_state.dtype == torch.bfloat16
+
+
+def test_int8_in_row_chunks_equals_one_bitsandbytes_call(monkeypatch):
+    monkeypatch.setattr(quant, "QUANTIZE_CHUNK_ELEMENTS", 100)
+    w, _ = weights(out_f=37, in_f=40)
+    layer = quant.quantize_linear(w, None, QuantConfig("int8"))
+    int8, scb, _ = bnbF.int8_vectorwise_quant(w.half())
+    assert torch.equal(layer.weight, int8) and torch.equal(layer.SCB, scb)
+
+
+def test_quantize_linear_reads_rows_from_a_lazy_weight_and_casts_them(monkeypatch):
+    """What loading passes: an object that reads row ranges on demand, quantized in the requested dtype."""
+    monkeypatch.setattr(quant, "QUANTIZE_CHUNK_ELEMENTS", 1000)
+    w, b = weights(out_f=40, in_f=64)
+    reads = []
+
+    class Rows:
+        shape, dtype = w.shape, w.dtype
+
+        def __getitem__(self, rows):
+            reads.append((rows.start, rows.stop))
+            return w[rows]
+
+    ours = quant.quantize_linear(Rows(), b, QuantConfig(compute_dtype=torch.bfloat16), dtype=torch.bfloat16)
+    ref = quant.quantize_linear(w.bfloat16(), b.bfloat16(), QuantConfig(compute_dtype=torch.bfloat16))
+    assert len(reads) > 1 and torch.equal(ours.weight.data, ref.weight.data)
+    assert ours.weight.quant_state == ref.weight.quant_state
+    assert ours.bias.dtype == torch.bfloat16 and torch.equal(ours.bias, ref.bias)
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "int8"])
 def test_only_the_input_gets_gradients(quant_type):
     w, b = weights()
