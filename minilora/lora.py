@@ -20,6 +20,7 @@ import weakref
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 DROPOUT_RESOLUTION = 1 << 16  # dropout probabilities are rounded to multiples of 1 / 65536
@@ -47,32 +48,32 @@ def dropout_keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
 
 
 class _LastDropout:
-    """The last dropped input, so LoRA layers that get the very same tensor (unchanged since) reuse it.
+    """The last dropout mask drawn, so LoRA layers that get the very same tensor (unchanged since) reuse it.
 
-    Holds the input weakly (an entry dies with its input) and the dropped copy strongly: whether a sibling
-    reuses it must not depend on autograd keeping it, or gradient checkpointing's replay would draw a
-    different number of masks than the forward did. A layer never reuses an entry twice, so calling one
-    layer again on the same tensor draws a new mask, as nn.Dropout would.
+    Holds the input weakly (an entry dies with its input) and the mask strongly: whether a sibling reuses it
+    must not depend on autograd keeping it, or gradient checkpointing's replay would draw a different number
+    of masks than the forward did. A layer never reuses an entry twice, so calling one layer again on the
+    same tensor draws a new mask, as nn.Dropout would.
     """
 
     def __init__(self):
-        self.entry = None  # (weakref to input, input._version, p, dropped input, effective p, user ids)
+        self.entry = None  # (weakref to input, input._version, p, mask, effective p, user ids)
 
     def get(self, layer: nn.Module, x: torch.Tensor, p: float) -> tuple[torch.Tensor, float] | None:
         if self.entry is None:
             return None
-        ref, version, entry_p, dropped, p_eff, users = self.entry
+        ref, version, entry_p, keep, p_eff, users = self.entry
         if ref() is not x or x._version != version or entry_p != p or id(layer) in users:
             return None
         users.add(id(layer))
-        return dropped, p_eff
+        return keep, p_eff
 
-    def put(self, layer: nn.Module, x: torch.Tensor, p: float, dropped: torch.Tensor, p_eff: float) -> None:
+    def put(self, layer: nn.Module, x: torch.Tensor, p: float, keep: torch.Tensor, p_eff: float) -> None:
         def forget(ref):
             if self.entry is not None and self.entry[0] is ref:
                 self.entry = None
 
-        self.entry = (weakref.ref(x, forget), x._version, p, dropped, p_eff, {id(layer)})
+        self.entry = (weakref.ref(x, forget), x._version, p, keep, p_eff, {id(layer)})
 
 
 _last_dropout = _LastDropout()
@@ -135,6 +136,80 @@ class _LoraUpdate(torch.autograd.Function):
         return grad_h, None, *grad_outs, *grad_as, *grad_bs
 
 
+def _runs_inside(base: nn.Module, x: torch.Tensor) -> bool:
+    """Whether _LoraLinearFn can compute `base` itself: a frozen nn.Linear or quantized linear layer that
+    computes in x's dtype, with a frozen bias (or none) and no hooks, outside autocast."""
+    if base._forward_hooks or base._forward_pre_hooks or torch.is_autocast_enabled(x.device.type):
+        return False
+    bias = base.bias
+    if bias is not None and bias.requires_grad:
+        return False
+    if type(base) is nn.Linear:
+        return not base.weight.requires_grad and base.weight.dtype == x.dtype
+    from minilora.quant import QuantizedLinear
+
+    return isinstance(base, QuantizedLinear) and (base.compute_dtype or x.dtype) == x.dtype
+
+
+def _weight_in(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    return base.dequantize(dtype) if hasattr(base, "dequantize") else base.weight
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    """base_i(x) + scaling_i * (dropout(x) @ A_i.T) @ B_i.T for frozen base layers (see `_runs_inside`) fed the
+    same input x, as one autograd node: what `_LoraUpdate` adds to base outputs, with the bases inside.
+
+    Owning the bases lets the backward build x's gradient in one buffer, g_1 @ W_1 + g_2 @ W_2 + ... +
+    ((grad of the A products) @ A) * mask, with in-place addmm/addcmul, where autograd would make one tensor
+    per contribution plus a dropout-mask pass and sum them. Quantized weights are dequantized again in
+    backward, as `quant._FrozenLinearFn` does. `keep` is the dropout mask (None: no dropout).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor | None, bases: tuple[nn.Module, ...],
+                scalings: tuple[float, ...], *factors: torch.Tensor):
+        n, dtype = len(bases), x.dtype
+        a_factors, b_factors = factors[:n], factors[n:]
+        x2 = x.reshape(-1, x.shape[-1])
+        keep2 = None if keep is None else keep.reshape(x2.shape)
+        h2 = x2 if keep2 is None else x2 * keep2
+        a_weight = torch.cat([a.to(dtype) for a in a_factors])  # (sum of ranks, in)
+        scaled_b_ts = [(b.t() * s).to(dtype).contiguous() for b, s in zip(b_factors, scalings, strict=True)]
+        a_all = h2 @ a_weight.t()
+        outs = []
+        for base, a, b_t in zip(bases, a_all.split([a.shape[0] for a in a_factors], -1), scaled_b_ts, strict=True):
+            bias = None if base.bias is None else base.bias.to(dtype)
+            out = F.linear(x2, _weight_in(base, dtype), bias).addmm_(a, b_t)
+            outs.append(out.view(*x.shape[:-1], out.shape[-1]))
+        ctx.save_for_backward(h2, keep2, a_all, a_weight, *scaled_b_ts)
+        ctx.bases, ctx.scalings, ctx.x_shape = bases, scalings, x.shape
+        ctx.dtypes = ([a.dtype for a in a_factors], [b.dtype for b in b_factors])
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: torch.Tensor):
+        h2, keep2, a_all, a_weight, *scaled_b_ts = ctx.saved_tensors
+        a_dtypes, b_dtypes = ctx.dtypes
+        n, ranks = len(grads), [b_t.shape[0] for b_t in scaled_b_ts]
+        gs = [g.reshape(-1, g.shape[-1]).to(h2.dtype) for g in grads]
+        grad_a = torch.cat([g @ b_t.t() for g, b_t in zip(gs, scaled_b_ts, strict=True)], dim=-1)
+        grad_x, grad_as, grad_bs = None, [None] * n, [None] * n
+        if ctx.needs_input_grad[0]:
+            for base, g in zip(ctx.bases, gs, strict=True):
+                weight = _weight_in(base, h2.dtype)
+                grad_x = g @ weight if grad_x is None else grad_x.addmm_(g, weight)
+            lora_grad = grad_a @ a_weight
+            grad_x = grad_x.add_(lora_grad) if keep2 is None else grad_x.addcmul_(lora_grad, keep2)
+            grad_x = grad_x.view(ctx.x_shape)
+        if any(ctx.needs_input_grad[4:4 + n]):
+            grad_as = [g.to(dt) for g, dt in zip((grad_a.t() @ h2).split(ranks), a_dtypes, strict=True)]
+        if any(ctx.needs_input_grad[4 + n:]):
+            grad_bs = [(a.t() @ g).t().to(dt) * s
+                       for a, g, dt, s in zip(a_all.split(ranks, -1), gs, b_dtypes, ctx.scalings, strict=True)]
+        return grad_x, None, None, None, *grad_as, *grad_bs
+
+
 def dense_weight(base: nn.Module) -> torch.Tensor:
     """The (out, in) weight of a base linear layer as a dense tensor (dequantized when quantized)."""
     if hasattr(base, "dequantize"):
@@ -182,26 +257,30 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if self.merged:
-            return out
-        h, scaling = self._dropped(x)
+            return self.base_layer(x)
+        keep, scaling = self._dropout_mask(x)
+        if _runs_inside(self.base_layer, x):
+            return _LoraLinearFn.apply(x, keep, (self.base_layer,), (scaling,), self.lora_A.weight,
+                                       self.lora_B.weight)[0]
+        out = self.base_layer(x)
+        h = x if keep is None else x * keep
         return _LoraUpdate.apply(h, (scaling,), out, self.lora_A.weight, self.lora_B.weight)[0]
 
-    def _dropped(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The LoRA input after dropout, and the scaling with dropout's 1 / (1 - p) folded in."""
+    def _dropout_mask(self, x: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+        """The LoRA input's 0/1 dropout mask (None without dropout), and the scaling with dropout's
+        1 / (1 - p) folded in."""
         dropout = self.lora_dropout
         if dropout is None or not dropout.training or dropout.p == 0:
-            return x, self.scaling
+            return None, self.scaling
         share = self.share_dropout_mask and not x.is_inference()  # inference tensors have no version counter
         shared = _last_dropout.get(self, x, dropout.p) if share else None
         if shared is None:
-            keep, p_eff = dropout_keep_mask(x, dropout.p)
-            shared = (x * keep, p_eff)
+            shared = dropout_keep_mask(x, dropout.p)
             if share:
                 _last_dropout.put(self, x, dropout.p, *shared)
-        dropped, p_eff = shared
-        return dropped, self.scaling / (1 - p_eff)
+        keep, p_eff = shared
+        return keep, self.scaling / (1 - p_eff)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in fp32, the (out, in) update that merging adds to the base weight."""
@@ -276,13 +355,20 @@ def shared_input(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
                and not (layer._forward_hooks or layer._forward_pre_hooks)]
     if len(grouped) < 2:
         return [layer(x) for layer in layers]
-    outs = [layer.base_layer(x) for layer in grouped]
-    dropped = [layer._dropped(x) for layer in grouped]
+    masks = [layer._dropout_mask(x) for layer in grouped]
     factors = [layer.lora_A.weight for layer in grouped] + [layer.lora_B.weight for layer in grouped]
-    if all(h is dropped[0][0] for h, _ in dropped) and len({out.dtype for out in outs}) == 1:
-        results = _LoraUpdate.apply(dropped[0][0], tuple(s for _, s in dropped), *outs, *factors)
-    else:  # a layer opted out of the shared mask
-        results = [_LoraUpdate.apply(h, (s,), out, layer.lora_A.weight, layer.lora_B.weight)[0]
-                   for (h, s), out, layer in zip(dropped, outs, grouped, strict=True)]
+    scalings = tuple(s for _, s in masks)
+    if all(keep is masks[0][0] for keep, _ in masks) and all(_runs_inside(layer.base_layer, x) for layer in grouped):
+        results = _LoraLinearFn.apply(x, masks[0][0], tuple(layer.base_layer for layer in grouped), scalings,
+                                      *factors)
+    else:
+        outs = [layer.base_layer(x) for layer in grouped]
+        products = {id(keep): x * keep for keep, _ in masks if keep is not None}  # one per distinct mask
+        dropped = [x if keep is None else products[id(keep)] for keep, _ in masks]
+        if all(keep is masks[0][0] for keep, _ in masks) and len({out.dtype for out in outs}) == 1:
+            results = _LoraUpdate.apply(dropped[0], scalings, *outs, *factors)
+        else:  # a layer opted out of the shared mask
+            results = [_LoraUpdate.apply(h, (s,), out, layer.lora_A.weight, layer.lora_B.weight)[0]
+                       for h, s, out, layer in zip(dropped, scalings, outs, grouped, strict=True)]
     by_layer = {id(layer): result for layer, result in zip(grouped, results, strict=True)}
     return [by_layer[id(layer)] if id(layer) in by_layer else layer(x) for layer in layers]

@@ -158,7 +158,7 @@ class _FrozenLinearFn(torch.autograd.Function):
         return grad_x, None, grad_bias
 
 
-class _QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module):
     """What both layer types share: frozen packed weight, optional bias, forward through _FrozenLinearFn."""
 
     in_features: int
@@ -208,7 +208,7 @@ class _QuantizedLinear(nn.Module):
                 f"quant_type={self.quant_type}, compute_dtype={self.compute_dtype}")
 
 
-class NF4Linear(_QuantizedLinear):
+class NF4Linear(QuantizedLinear):
     """A frozen linear layer stored in 4 bits (NF4, or FP4 when `quant_type == "fp4"`).
 
     `weight` is a bitsandbytes `Params4bit`: the packed (out*in/2, 1) uint8 data plus its `quant_state`
@@ -243,7 +243,7 @@ class NF4Linear(_QuantizedLinear):
             destination[prefix + "weight." + key] = value if keep_vars else value.detach()
 
 
-class Int8Linear(_QuantizedLinear):
+class Int8Linear(QuantizedLinear):
     """A frozen linear layer stored as LLM.int8 weights: int8 (out, in) rows `weight` and fp32 row scales
     `SCB` (W ~= weight * SCB / 127)."""
 
