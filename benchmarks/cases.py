@@ -62,7 +62,7 @@ def _train(stack: str, model: torch.nn.Module, batches: list[dict], warmup: int,
     return {
         "step_s": step_s, "step_times_s": times, "warmup": warmup, "tokens_per_step": tokens_per_step,
         # CPU seconds of all threads: less sensitive than wall time to other processes on a shared machine
-        "step_cpu_s": median(cpu_times[warmup:] or cpu_times),
+        "step_cpu_s": median(cpu_times[warmup:] or cpu_times), "step_cpu_times_s": cpu_times,
         "tokens_per_s": tokens_per_step / step_s, "losses": losses, "trainable": trainable, "total": total,
         "peak_mem": peak_memory_bytes(device), "memory_kind": memory_kind(device),
         "peak_mem_is_training_only": reset_ok, "mem_before_train": rss_before,

@@ -1,6 +1,7 @@
 """Benchmark session plumbing: run each case once per stack in a fresh subprocess, collect the rows, and at
-the end print ONE comparison table and write it to benchmarks/results/ (latest.* or, with
---benchmark-quick, quick.*). The root conftest skips this folder unless --benchmark is given.
+the end print ONE comparison table and write it to benchmarks/results/: latest.*, or quick.* with
+--benchmark-quick, or partial.* for a -k / -m selection. The root conftest skips this folder unless
+--benchmark is given.
 
 Set MINILORA_BENCH_DEVICE (default "cpu") to run the cases on another torch device.
 """
@@ -41,12 +42,18 @@ class BenchSession:
         if result.get("status") != "ok":
             pytest.fail(f"could not build benchmark checkpoint {name}: {result.get('error')}", pytrace=False)
 
-    def run_pair(self, key: str, case: str, params: dict,
-                 stacks: tuple[str, ...] = STACKS) -> dict[str, dict]:
-        """Run `case` for each stack, one after the other, each in its own process."""
+    def run_pair(self, key: str, case: str, params: dict, stacks: tuple[str, ...] = STACKS,
+                 rounds: int = 1) -> dict[str, dict]:
+        """Run `case` for each stack, each in its own process; with rounds > 1, that many times per stack in
+        ABBA order (A B B A A B ...), so a slow drift of the machine's speed hits both stacks alike, and the
+        runs are pooled by `report.merge_rounds`."""
         extra = {} if case in NO_DEVICE_CASES else {"device": self.device}
-        pairs = {stack: run_case(case, {**params, **extra, "stack": stack}) for stack in stacks}
-        self.raw[key] = {"case": case, "params": params, "pairs": pairs}
+        runs: dict[str, list[dict]] = {stack: [] for stack in stacks}
+        for i in range(rounds):
+            for stack in (stacks if i % 2 == 0 else stacks[::-1]):
+                runs[stack].append(run_case(case, {**params, **extra, "stack": stack}))
+        pairs = {stack: report.merge_rounds(results) for stack, results in runs.items()}
+        self.raw[key] = {"case": case, "params": params, "rounds": rounds, "pairs": pairs}
         return pairs
 
     @staticmethod
@@ -69,14 +76,14 @@ def bench(pytestconfig: pytest.Config) -> BenchSession:
 
 @pytest.fixture
 def compare(bench: BenchSession, benchmark):
-    """compare(key, case, params, make_rows, stacks=STACKS) -> {stack: result}.
+    """compare(key, case, params, make_rows, stacks=STACKS, rounds=1) -> {stack: result}.
 
     Runs the case for both stacks as one pytest-benchmark round (its raw results go to extra_info, i.e.
     into --benchmark-json), adds make_rows(results) to the table, then fails / skips as `check` says.
     """
-    def run(key: str, case: str, params: dict, make_rows,
-            stacks: tuple[str, ...] = STACKS) -> dict[str, dict]:
-        pairs = benchmark.pedantic(bench.run_pair, args=(key, case, params, stacks), rounds=1, iterations=1)
+    def run(key: str, case: str, params: dict, make_rows, stacks: tuple[str, ...] = STACKS,
+            rounds: int = 1) -> dict[str, dict]:
+        pairs = benchmark.pedantic(bench.run_pair, args=(key, case, params, stacks, rounds), rounds=1, iterations=1)
         benchmark.extra_info.update(pairs)
         bench.rows += make_rows(pairs)
         bench.check(pairs)
@@ -116,7 +123,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
                "device": bench.device}
     target_list = report.targets(bench.raw)
     command = " ".join(["pytest", *config.invocation_params.args])
-    name = "quick" if bench.quick else "latest"
+    # A -k / -m selection writes partial.*, so it never replaces the table of a full run.
+    name = "quick" if bench.quick else "partial" if config.getoption("keyword") or config.getoption("markexpr") \
+        else "latest"
     path = report.write(bench.rows, target_list, machine, bench.raw, command, name)
     terminalreporter.write_sep("=", "minilora vs peft")
     terminalreporter.write_line(report.render_text(bench.rows, target_list, machine))

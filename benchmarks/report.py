@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -106,9 +107,28 @@ def train_rows(section: str, case: str, pair: dict) -> list[Row]:
             _row(section, case, "CPU time per step (all threads)", "s", pair, "step_cpu_s"),
             _row(section, case, f"{_mem_label(pair)} (training)", "bytes", pair, "peak_mem"),
             _row(section, case, "trainable parameters", "count", pair, "trainable")]
-    if _ok(m):
+    if _ok(m) and m.get("rounds", 1) > 1:
+        rows[0].note = (f"median of {m['timed_steps']} steps: {m['rounds']} runs per stack, alternated ABBA, "
+                        f"{len(m['step_times_s']) - m['warmup']} steps each after {m['warmup']} warm-up")
+    elif _ok(m):
         rows[0].note = f"median of {len(m['step_times_s']) - m['warmup']} steps after {m['warmup']} warm-up"
     return rows
+
+
+def merge_rounds(results: list[dict]) -> dict:
+    """One result from several runs of the same case and stack. Training cases pool their timed steps (each
+    run's warm-up dropped): step time and CPU time are medians over the pool, memory the highest peak."""
+    if len(results) == 1 or not all(_ok(r) for r in results) or "step_times_s" not in results[0]:
+        return next((r for r in results if not _ok(r)), results[0])
+    timed = [t for r in results for t in r["step_times_s"][r["warmup"]:]]
+    cpu = [t for r in results for t in r["step_cpu_times_s"][r["warmup"]:]]
+    merged = dict(results[0])
+    merged.update(step_s=statistics.median(timed), step_cpu_s=statistics.median(cpu),
+                  tokens_per_s=results[0]["tokens_per_step"] / statistics.median(timed), timed_steps=len(timed),
+                  rounds=len(results), step_s_per_round=[r["step_s"] for r in results],
+                  peak_mem=max(r["peak_mem"] for r in results),
+                  process_peak_rss=max(r["process_peak_rss"] for r in results))
+    return merged
 
 
 def max_relative_loss_diff(pair: dict) -> float | None:

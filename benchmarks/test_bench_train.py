@@ -21,8 +21,10 @@ def test_train_step(compare, bench, precision, gc):
     params = {"precision": precision, "gradient_checkpointing": gc, "batch_size": 4, "seq_len": 256,
               "warmup": 1, "steps": 2 if bench.quick else 3}
     label = LABELS[precision] + (", gradient checkpointing" if gc else "")
+    # The QLoRA issue's 2x target is judged on these rows: two alternated runs per stack, pooled.
+    rounds = 2 if precision == "nf4" and not bench.quick else 1
     pairs = compare(f"train:{precision}:gc={gc}", "train_step", params,
-                    lambda p: report.train_rows(report.SECTIONS["train"], label, p))
+                    lambda p: report.train_rows(report.SECTIONS["train"], label, p), rounds=rounds)
     assert pairs["minilora"]["trainable"] == pairs["peft"]["trainable"]
     for stack, result in pairs.items():
         assert all(0 < loss < 20 for loss in result["losses"]), f"{stack}: {result['losses']}"  # NaN fails
