@@ -176,12 +176,12 @@ def _resolve_quantization(quantize, config_dict: dict, dtype: torch.dtype):
     saved = config_dict.get("quantization_config")
     if quantize is None and saved is None:
         return None, False
-    from minilora import quant
+    from minilora import quant, quant_format
 
     requested = quant.resolve_quant_config(quantize, dtype)
     if saved is None:
         return requested, False
-    qconfig = quant.resolve_quant_config(quant.quant_config_from_dict(saved), dtype)  # fills compute_dtype
+    qconfig = quant.resolve_quant_config(quant_format.quant_config_from_dict(saved), dtype)  # fills compute_dtype
     if requested is not None and requested.quant_type != qconfig.quant_type:
         raise ValueError(f"the checkpoint is already quantized as {qconfig.quant_type} (config.json "
                          f"quantization_config) but quantize={quantize!r} asks for {requested.quant_type}: "
@@ -299,7 +299,7 @@ def _quantized_paths(model: nn.Module, qconfig, prequantized: bool, mapping: dic
     """Linear layers to load quantized: the checkpoint's packed ones, else those `quantize` selects."""
     if qconfig is None:
         return set()
-    from minilora import quant
+    from minilora import quant, quant_format
 
     if not prequantized:
         modules = dict(model.named_modules())
@@ -311,7 +311,7 @@ def _quantized_paths(model: nn.Module, qconfig, prequantized: bool, mapping: dic
             path = path.rpartition(".")[0]
         if path:
             names.setdefault(path, []).append(key[len(path) + 1:])
-    return {p for p, n in names.items() if quant.is_quantized_in_checkpoint(n)}
+    return {p for p, n in names.items() if quant_format.is_quantized_in_checkpoint(n)}
 
 
 def _check_keys(model: nn.Module, checkpoint: Checkpoint, state: dict, mapping: dict[str, str],
@@ -338,13 +338,13 @@ def _check_keys(model: nn.Module, checkpoint: Checkpoint, state: dict, mapping: 
 
 def _load_quantized(module: nn.Linear, path: str, mapping: dict[str, str], checkpoint: Checkpoint, qconfig,
                     prequantized: bool, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    from minilora import quant
+    from minilora import quant, quant_format
 
     prefix = path + "."
     if prequantized:  # packed weights + quantization state exactly as save_pretrained wrote them
         tensors = {k[len(prefix):]: checkpoint.read(ck) for k, ck in mapping.items() if k.startswith(prefix)}
-        return quant.load_prequantized_linear(tensors, module.in_features, module.out_features, qconfig, device,
-                                              prefix=prefix)
+        return quant_format.load_prequantized_linear(tensors, module.in_features, module.out_features, qconfig,
+                                                     device, prefix=prefix)
     # Read and quantized a few rows at a time: the full-precision matrix never exists.
     weight = checkpoint.lazy(mapping[prefix + "weight"])
     bias = checkpoint.read(mapping[prefix + "bias"]) if module.bias is not None else None
@@ -464,9 +464,9 @@ def _config_to_save(model: nn.Module) -> dict:
     qconfig = getattr(model, "quant_config", None)
     raw.pop("quantization_config", None)
     if qconfig is not None:
-        from minilora import quant
+        from minilora import quant_format
 
-        raw["quantization_config"] = quant.quant_config_to_dict(qconfig, model)
+        raw["quantization_config"] = quant_format.quant_config_to_dict(qconfig, model)
     return raw
 
 

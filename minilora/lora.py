@@ -12,6 +12,8 @@ Training speed (what differs from peft, which gives the same results up to round
   input (`LoraLinear.share_dropout_mask`); peft draws one mask per layer. Each layer's dropout has the
   same distribution either way; only the masks' correlation across sibling layers differs. Model code
   that calls such siblings through `shared_input` also gets their A projections in one matmul.
+- A frozen base layer (nn.Linear or quantized) runs inside the LoRA layer's autograd node
+  (`_LoraLinearFn`), so the input gradient of the bases and of the LoRA branch lands in one buffer.
 """
 from __future__ import annotations
 

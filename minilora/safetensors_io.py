@@ -5,11 +5,13 @@ The format: 8-byte little-endian header length N, N bytes of JSON
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import struct
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,9 +25,16 @@ SAFETENSORS_DTYPES = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000
+PARALLEL_READ_BYTES = 1 << 24  # reads of at least twice this are split across threads
+_READ_THREADS = min(4, os.cpu_count() or 1)
 
 if sys.byteorder != "little":  # safetensors data is little-endian and read without byte swapping
     raise ImportError("minilora.loading needs a little-endian machine")
+
+
+@functools.cache
+def _read_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="minilora-read")
 
 
 class CheckpointError(ValueError):
@@ -109,15 +118,28 @@ class SafetensorsFile:
             shape = torch.Size((stop - start, *shape[1:]))
         tensor = torch.empty(shape, dtype=self.dtype(key))
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        self._file.seek(self.data_start + begin)
-        done = 0
-        while done < end - begin:  # raw reads may return short counts
-            n = self._file.readinto(buffer[done:])
-            if not n:
-                raise CheckpointError(f"{self.path} is truncated: tensor {key!r} stops after {done} of "
-                                      f"{end - begin} bytes")
-            done += n
+        parts = min(_READ_THREADS, len(buffer) // PARALLEL_READ_BYTES) if hasattr(os, "preadv") else 1
+        if parts <= 1:
+            self._read_part(buffer, self.data_start + begin, key)
+        else:  # copying out of the page cache is CPU work: large tensors are read by several threads
+            bounds = [len(buffer) * i // parts for i in range(parts + 1)]
+            list(_read_pool().map(lambda i: self._read_part(buffer[bounds[i]:bounds[i + 1]],
+                                                            self.data_start + begin + bounds[i], key), range(parts)))
         return tensor
+
+    def _read_part(self, buffer: memoryview, offset: int, key: str) -> None:
+        done = 0
+        while done < len(buffer):  # reads may return short counts
+            n = os.preadv(self._file.fileno(), [buffer[done:]], offset + done) if hasattr(os, "preadv") else \
+                self._seek_readinto(buffer[done:], offset + done)
+            if not n:
+                raise CheckpointError(f"{self.path} is truncated: tensor {key!r} stops before byte "
+                                      f"{offset + done - self.data_start} of the data")
+            done += n
+
+    def _seek_readinto(self, buffer: memoryview, offset: int) -> int:
+        self._file.seek(offset)
+        return self._file.readinto(buffer)
 
     def lazy(self, key: str) -> LazyTensor:
         """`key` unread: its shape and dtype now, row ranges on demand."""

@@ -503,7 +503,7 @@ def test_real_checkpoint_quantized_on_load_peaks_near_the_quantized_size():
 
 def test_quantize_on_load_matches_a_transformers_quantized_checkpoint(tmp_path, llama_dir):
     """nf4 on load == the packed bytes transformers + bitsandbytes write; our saved folder loads in both."""
-    quant = pytest.importorskip("minilora.quant")
+    quant_format = pytest.importorskip("minilora.quant_format")
     hf = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32, quantization_config=(
         transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                         bnb_4bit_compute_dtype=torch.float32))).eval()
@@ -516,7 +516,7 @@ def test_quantize_on_load_matches_a_transformers_quantized_checkpoint(tmp_path, 
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     x = ids(LLAMA["vocab_size"])
     out = save_pretrained(model, tmp_path / "ours")
-    assert json.loads((out / "config.json").read_text())["quantization_config"] == quant.quant_config_to_dict(
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == quant_format.quant_config_to_dict(
         model.quant_config, model)
     reloaded, hf_reloaded = from_pretrained(out), transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():

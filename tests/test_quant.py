@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora import quant
+from minilora import quant, quant_format
 from minilora.quant import QuantConfig
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -247,7 +247,7 @@ def test_state_dict_round_trip_through_safetensors_is_bitwise(tmp_path, quant_ty
     layer = quant.quantize_linear(w, b if with_bias else None, qconfig)
     save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, tmp_path / "layer.safetensors")
     tensors = load_file(tmp_path / "layer.safetensors")
-    loaded = quant.load_prequantized_linear(tensors, 64, 48, qconfig, "cpu")
+    loaded = quant_format.load_prequantized_linear(tensors, 64, 48, qconfig, "cpu")
     assert type(loaded) is type(layer) and (loaded.bias is None) == (not with_bias)
     x = inputs()
     assert torch.equal(loaded(x), layer(x))
@@ -265,30 +265,29 @@ def test_state_dict_keeps_working_after_deepcopy():
 
 
 def test_load_prequantized_errors_name_the_key():
+    load = quant_format.load_prequantized_linear
     w, b = weights()
     qconfig = QuantConfig(compute_dtype=torch.float32)
     tensors = dict(quant.quantize_linear(w, b, qconfig).state_dict())
     with pytest.raises(KeyError, match=r"q_proj\.weight\.absmax"):
-        quant.load_prequantized_linear({k: v for k, v in tensors.items() if k != "weight.absmax"}, 64, 48, qconfig,
-                                       prefix="q_proj.")
+        load({k: v for k, v in tensors.items() if k != "weight.absmax"}, 64, 48, qconfig, prefix="q_proj.")
     with pytest.raises(ValueError, match=r"shape \[48, 64\], expected nf4 of shape \[64, 48\]"):
-        quant.load_prequantized_linear(tensors, 48, 64, qconfig)
+        load(tensors, 48, 64, qconfig)
     with pytest.raises(KeyError, match="another quant_type"):
-        quant.load_prequantized_linear(tensors, 64, 48, QuantConfig("fp4"))
+        load(tensors, 64, 48, QuantConfig("fp4"))
     with pytest.raises(ValueError, match="unknown 4-bit quant state"):
-        quant.load_prequantized_linear({**tensors, "weight.extra": torch.zeros(1)}, 64, 48, qconfig)
+        load({**tensors, "weight.extra": torch.zeros(1)}, 64, 48, qconfig)
     with pytest.raises(KeyError, match="dense torch.float32 tensor: the checkpoint stores it unquantized"):
-        quant.load_prequantized_linear({"weight": w, "bias": b}, 64, 48, qconfig)  # a dense layer
+        load({"weight": w, "bias": b}, 64, 48, qconfig)  # a dense layer
     int8 = dict(quant.quantize_linear(w, b, QuantConfig("int8")).state_dict())
     with pytest.raises(KeyError, match=r"'fc\.SCB'"):
-        quant.load_prequantized_linear({k: v for k, v in int8.items() if k != "SCB"}, 64, 48, QuantConfig("int8"),
-                                       prefix="fc.")
+        load({k: v for k, v in int8.items() if k != "SCB"}, 64, 48, QuantConfig("int8"), prefix="fc.")
     with pytest.raises(ValueError, match="expected int8"):
-        quant.load_prequantized_linear({**int8, "weight": w}, 64, 48, QuantConfig("int8"))
+        load({**int8, "weight": w}, 64, 48, QuantConfig("int8"))
     with pytest.raises(ValueError, match="weight_format"):
-        quant.load_prequantized_linear({**int8, "weight_format": torch.tensor(1)}, 64, 48, QuantConfig("int8"))
-    assert quant.is_quantized_in_checkpoint(tensors) and quant.is_quantized_in_checkpoint(int8)
-    assert not quant.is_quantized_in_checkpoint(["weight", "bias"])
+        load({**int8, "weight_format": torch.tensor(1)}, 64, 48, QuantConfig("int8"))
+    assert quant_format.is_quantized_in_checkpoint(tensors) and quant_format.is_quantized_in_checkpoint(int8)
+    assert not quant_format.is_quantized_in_checkpoint(["weight", "bias"])
 
 
 # ---------------------------------------------------------------- configs
@@ -328,8 +327,8 @@ def test_resolve_quant_config():
 def test_quant_config_dict_is_transformers_bitsandbytes_config(qconfig, hf_kwargs):
     transformers = pytest.importorskip("transformers")
     expected = transformers.BitsAndBytesConfig(**hf_kwargs).to_dict()
-    assert quant.quant_config_to_dict(qconfig) == expected
-    back = quant.quant_config_from_dict(expected)
+    assert quant_format.quant_config_to_dict(qconfig) == expected
+    back = quant_format.quant_config_from_dict(expected)
     assert back.quant_type == qconfig.quant_type and back.skip_modules == qconfig.skip_modules
     assert back.int8_threshold == qconfig.int8_threshold
     if qconfig.quant_type != "int8":
@@ -338,12 +337,12 @@ def test_quant_config_dict_is_transformers_bitsandbytes_config(qconfig, hf_kwarg
 
 def test_quant_config_from_dict_rejects_what_it_cannot_load():
     with pytest.raises(ValueError, match="quant_method is 'gptq'"):
-        quant.quant_config_from_dict({"quant_method": "gptq", "bits": 4})
+        quant_format.quant_config_from_dict({"quant_method": "gptq", "bits": 4})
     with pytest.raises(ValueError, match="exactly one of load_in_4bit / load_in_8bit"):
-        quant.quant_config_from_dict({"quant_method": "bitsandbytes"})
+        quant_format.quant_config_from_dict({"quant_method": "bitsandbytes"})
     with pytest.raises(ValueError, match="llm_int8_has_fp16_weight"):
-        quant.quant_config_from_dict({"load_in_8bit": True, "llm_int8_has_fp16_weight": True})
-    assert quant.quant_config_from_dict({"load_in_4bit": True, "bnb_4bit_blocksize": 128}).blocksize == 128
+        quant_format.quant_config_from_dict({"load_in_8bit": True, "llm_int8_has_fp16_weight": True})
+    assert quant_format.quant_config_from_dict({"load_in_4bit": True, "bnb_4bit_blocksize": 128}).blocksize == 128
 
 
 class _Head(nn.Module):
@@ -463,7 +462,7 @@ def test_skip_list_written_from_the_model_makes_transformers_load_heads_and_t5_w
     from minilora.loading import from_pretrained, save_pretrained
     path, hf_class = _save_tiny_hf_task(tmp_path, family)
     ours = from_pretrained(path, quantize="nf4", dtype=torch.float32).train()
-    dense = quant.quant_config_to_dict(ours.quant_config, ours)["llm_int8_skip_modules"]
+    dense = quant_format.quant_config_to_dict(ours.quant_config, ours)["llm_int8_skip_modules"]
     if family == "bert":
         assert dense == ["classifier"]
         assert isinstance(ours.bert.pooler.dense, quant.NF4Linear)
@@ -473,7 +472,7 @@ def test_skip_list_written_from_the_model_makes_transformers_load_heads_and_t5_w
     save_pretrained(ours, tmp_path / "ours")
     config_file = tmp_path / "ours" / "config.json"
     config = json.loads(config_file.read_text())
-    config["quantization_config"] = quant.quant_config_to_dict(ours.quant_config, ours)
+    config["quantization_config"] = quant_format.quant_config_to_dict(ours.quant_config, ours)
     config_file.write_text(json.dumps(config))
     theirs = hf_class.from_pretrained(tmp_path / "ours").train()
     ids = IDS[:, :7]
