@@ -6,7 +6,7 @@ import re
 from torch import nn
 
 from .config import LoraConfig
-from .lora import LoraLinear
+from .lora import LoraLinear, dense_linear
 
 # target_modules=None picks what peft picks for these model types.
 DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "t5": ["q", "v"]}
@@ -152,11 +152,16 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer with one dense nn.Linear holding base + update (quantized bases are
-    dequantized, the update added in fp32); the result is a plain model with no LoRA left."""
+    dequantized, the update added in fp32), and dequantize the other quantized layers too: the result is a
+    plain model (16-bit for a 16-bit QLoRA model) with no LoRA and no quantization left, never re-quantized."""
     for path, layer in _require_lora(model).items():
         _set_module(model, path, layer.merged_linear())
-    if hasattr(model, "lora_config"):
-        del model.lora_config
+    for path, module in list(model.named_modules()):
+        if is_linear(module) and not isinstance(module, nn.Linear):
+            _set_module(model, path, dense_linear(module))
+    for attr in ("lora_config", "quant_config"):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model
 
 

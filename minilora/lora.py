@@ -212,11 +212,20 @@ class _LoraLinearFn(torch.autograd.Function):
         return grad_x, None, None, None, *grad_as, *grad_bs
 
 
-def dense_weight(base: nn.Module) -> torch.Tensor:
-    """The (out, in) weight of a base linear layer as a dense tensor (dequantized when quantized)."""
-    if hasattr(base, "dequantize"):
-        return base.dequantize()
-    return base.weight
+@torch.no_grad()
+def dense_linear(base: nn.Module, delta: torch.Tensor | None = None) -> nn.Linear:
+    """A frozen plain nn.Linear holding `base`'s weight (dequantized when quantized, in its compute dtype)
+    plus `delta` (out, in), added in fp32 before the one rounding to the layer's dtype."""
+    quantized = hasattr(base, "dequantize")
+    w = base.dequantize(torch.float32) if quantized else base.weight.float()
+    dtype = (getattr(base, "compute_dtype", None) or torch.float32) if quantized else base.weight.dtype
+    merged = w if delta is None else w + delta.to(w.device)
+    bias = getattr(base, "bias", None)
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=dtype)
+    linear.weight.copy_(merged.to(dtype))
+    if bias is not None:
+        linear.bias.copy_(bias.to(dtype))
+    return linear.requires_grad_(False)
 
 
 class LoraLinear(nn.Module):
@@ -310,22 +319,9 @@ class LoraLinear(nn.Module):
         w = self.base_layer.weight
         w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
 
-    @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
         """A plain nn.Linear equal to this layer (base dequantized, LoRA added in fp32)."""
-        base = self.base_layer
-        w = dense_weight(base)
-        dtype = w.dtype if w.is_floating_point() else torch.float32
-        dtype = getattr(base, "compute_dtype", None) or dtype
-        merged = w.float() if self.merged else w.float() + self.delta_weight().to(w.device)
-        bias = getattr(base, "bias", None)
-        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
-                           device=w.device, dtype=dtype)
-        linear.weight.copy_(merged.to(dtype))
-        if bias is not None:
-            linear.bias.copy_(bias.to(dtype))
-        linear.requires_grad_(False)
-        return linear
+        return dense_linear(self.base_layer, None if self.merged else self.delta_weight())
 
     # The base owns how its tensors are saved, loaded and moved (a quantized base keeps its quantization
     # state beside the packed weight); the LoRA children are handled as usual.

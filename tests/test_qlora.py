@@ -1,0 +1,104 @@
+"""QLoRA end to end on a quantized model: gradients against peft + transformers + bitsandbytes, which tensors
+get gradients, and merge_and_unload back to a plain dense model that transformers loads."""
+import pytest
+import torch
+from torch import nn
+
+import minilora as ml
+from minilora import quant
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("bitsandbytes")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IDS = torch.randint(3, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base", safe_serialization=True)
+    return tmp_path / "base"
+
+
+def bnb_config(quant_type: str, compute_dtype: torch.dtype):
+    if quant_type == "int8":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+
+
+def with_random_lora_b(model: nn.Module) -> nn.Module:
+    """A non-zero LoRA update, so the LoRA path shows in outputs and in the gradients of A."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_qlora_loss_and_grads_equal_peft_and_only_lora_and_saved_modules_get_them(llama_dir, quant_type):
+    peft = pytest.importorskip("peft")
+    kwargs = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, modules_to_save=["lm_head"])
+    ours = ml.from_pretrained(llama_dir, quantize=quant_type, dtype=torch.float32)
+    ours = with_random_lora_b(ml.apply_lora(ours, ml.LoraConfig(**kwargs))).train()
+    hf = transformers.LlamaForCausalLM.from_pretrained(llama_dir, dtype=torch.float32,
+                                                       quantization_config=bnb_config(quant_type, torch.float32))
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(**kwargs)).train()
+    ours_params = dict(ours.named_parameters())
+
+    def our_name(peft_name: str) -> str:
+        return (peft_name.removeprefix("base_model.model.").replace(".default", "").replace(".base_layer", "")
+                .replace(".modules_to_save", "").replace(".original_module", ""))
+
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.copy_(ours_params[our_name(name)])
+    expected = theirs(input_ids=IDS, labels=IDS).loss
+    got = ours(input_ids=IDS, labels=IDS).loss
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    expected.backward()
+    got.backward()
+
+    with_grad = {n for n, p in ours.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, p in ours.named_parameters() if "lora_" in n or n == "lm_head.weight"}
+    assert all(m.weight.grad is None for m in ours.modules() if isinstance(m, quant.QuantizedLinear))
+    assert not ours.model.embed_tokens.weight.requires_grad
+    theirs_grads = {our_name(n): p.grad for n, p in theirs.named_parameters() if p.grad is not None}
+    assert theirs_grads.keys() == with_grad
+    for name in with_grad:
+        torch.testing.assert_close(ours_params[name].grad, theirs_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_merge_and_unload_of_a_quantized_model_is_a_plain_dense_model(tmp_path, llama_dir, quant_type):
+    model = ml.from_pretrained(llama_dir, quantize=quant_type, dtype=torch.bfloat16)
+    model = with_random_lora_b(ml.apply_lora(model, ml.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj",
+                                                                                                      "v_proj"])))
+    q_proj = model.model.layers[0].self_attn.q_proj
+    expected_q = (q_proj.base_layer.dequantize(torch.float32) + q_proj.delta_weight()).to(torch.bfloat16)
+    expected_k = model.model.layers[0].self_attn.k_proj.dequantize(torch.bfloat16)  # not a LoRA target
+    with torch.no_grad():
+        before = model(IDS).logits.float()
+
+    merged = ml.merge_and_unload(model)
+    linears = [m for m in merged.modules() if hasattr(m, "in_features")]
+    assert linears and all(type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 for m in linears)
+    assert not any(p.requires_grad for p in merged.parameters())
+    assert not hasattr(merged, "quant_config") and not hasattr(merged, "lora_config")
+    assert torch.equal(merged.model.layers[0].self_attn.q_proj.weight, expected_q)
+    assert torch.equal(merged.model.layers[0].self_attn.k_proj.weight, expected_k)
+    with torch.no_grad():
+        after = merged(IDS).logits.float()
+    assert (after - before).abs().max() < 0.05 * before.abs().max()  # only the bf16 rounding of W + delta
+
+    out = ml.save_pretrained(merged, tmp_path / "merged")
+    assert "quantization_config" not in (out / "config.json").read_text()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf.model.layers[1].mlp.down_proj) is nn.Linear and hf.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits.float(), after, rtol=2e-2, atol=2e-2)
