@@ -1,9 +1,10 @@
 """Load Hugging Face checkpoint folders into minilora models, and save models back in the same format.
 
-Loading builds the model on the meta device (no memory), then walks it module by module, reading each
-tensor from the safetensors file(s) with plain file reads straight into its final buffer, so peak memory
-stays near the size of the finished model and no mmap'ed pages inflate RSS. With `quantize=`, each linear
-layer is quantized as soon as its weight is read: the full-precision model never exists.
+Loading builds the model on the meta device (no memory), then walks it module by module. A tensor used as
+stored (same dtype, CPU) is mapped from the file copy-on-write; one that changes dtype or device is read
+and converted a few rows at a time into its final buffer, so peak memory stays near the size of the
+finished model. With `quantize=`, each linear layer is quantized while its weight is read: neither the
+full-precision model nor its mapped file pages ever sit in memory.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -128,7 +130,7 @@ def from_pretrained(path_or_id: str | os.PathLike, task: str | None = None, num_
     with Checkpoint(model_dir) as checkpoint:
         dtype = _resolve_dtype(dtype, config_dict, checkpoint)
         qconfig, prequantized = _resolve_quantization(quantize, config_dict, dtype)
-        with torch.device("meta"):
+        with torch.device("meta"), _no_random_init():
             model = model_class(config_class.from_dict(config_dict))
         _load_weights(model, checkpoint, config_dict, dtype, device, qconfig, prequantized)
     model.init_non_persistent_buffers(device)
@@ -141,6 +143,22 @@ def from_pretrained(path_or_id: str | os.PathLike, task: str | None = None, num_
     if qconfig is not None:
         model.quant_config = qconfig
     return model.eval()
+
+
+@contextmanager
+def _no_random_init():
+    """torch.nn.init's initialisers as no-ops while a model is built on the meta device, where they are wasted
+    work (and `normal_` on meta imports torch._dynamo: ~1.3 s on a first load). Like transformers'
+    `no_init_weights`; new heads are initialised later by `init_weights`."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(nn.init, n) for n in names}
+    for n in names:
+        setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
 
 
 def _read_json(path: Path) -> dict:
@@ -285,7 +303,9 @@ def _read_as(tensor: LazyTensor, device: torch.device, dtype: torch.dtype) -> to
     """A checkpoint tensor on `device`, floating-point ones in `dtype`. Converted or moved a few rows at a time,
     so a stored copy of a large tensor (e.g. the fp32 embeddings of a model loaded in bf16) never exists."""
     dtype = dtype if tensor.dtype.is_floating_point else tensor.dtype
-    if (dtype == tensor.dtype and device.type == "cpu") or not tensor.shape or not tensor.shape[0]:
+    if dtype == tensor.dtype and device.type == "cpu":
+        return tensor.mapped()
+    if not tensor.shape or not tensor.shape[0]:
         return tensor[:].to(device, dtype)
     out = torch.empty(tensor.shape, dtype=dtype, device=device)
     rows = max(1, READ_CHUNK_BYTES // (tensor.shape.numel() // tensor.shape[0] * tensor.dtype.itemsize or 1))

@@ -1,17 +1,20 @@
-"""Safetensors files read and written with plain file I/O (no mmap, so mapped pages never inflate RSS).
+"""Safetensors files read with plain file I/O or mapped copy-on-write, and written atomically.
+
+Tensors that are converted or quantized on the way are read a few rows at a time into fresh buffers, so no
+mapped file pages sit in RSS beside the result; tensors used exactly as stored can be mapped instead (no
+copy: the page cache is the tensor), the way safetensors and transformers load.
 
 The format: 8-byte little-endian header length N, N bytes of JSON
 {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the raw data.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
+import mmap
 import os
 import struct
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,16 +28,9 @@ SAFETENSORS_DTYPES = {
 }
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000
-PARALLEL_READ_BYTES = 1 << 24  # reads of at least twice this are split across threads
-_READ_THREADS = min(4, os.cpu_count() or 1)
 
 if sys.byteorder != "little":  # safetensors data is little-endian and read without byte swapping
     raise ImportError("minilora.loading needs a little-endian machine")
-
-
-@functools.cache
-def _read_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="minilora-read")
 
 
 class CheckpointError(ValueError):
@@ -47,6 +43,7 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._file = open(self.path, "rb", buffering=0)  # closed by close() or __exit__
+        self._map: mmap.mmap | None = None
         try:
             self._parse_header(os.fstat(self._file.fileno()).st_size)
         except BaseException:
@@ -103,7 +100,7 @@ class SafetensorsFile:
 
     def read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """The tensor `key` (or its rows [start, stop) along dim 0) as a new CPU tensor in its stored dtype,
-        read with `readinto` (no mmap)."""
+        read with `readinto`."""
         if key not in self.entries:
             raise KeyError(f"{self.path} has no tensor {key!r}")
         shape = self.shape(key)
@@ -118,28 +115,30 @@ class SafetensorsFile:
             shape = torch.Size((stop - start, *shape[1:]))
         tensor = torch.empty(shape, dtype=self.dtype(key))
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        parts = min(_READ_THREADS, len(buffer) // PARALLEL_READ_BYTES) if hasattr(os, "preadv") else 1
-        if parts <= 1:
-            self._read_part(buffer, self.data_start + begin, key)
-        else:  # copying out of the page cache is CPU work: large tensors are read by several threads
-            bounds = [len(buffer) * i // parts for i in range(parts + 1)]
-            list(_read_pool().map(lambda i: self._read_part(buffer[bounds[i]:bounds[i + 1]],
-                                                            self.data_start + begin + bounds[i], key), range(parts)))
+        self._file.seek(self.data_start + begin)
+        done = 0
+        while done < end - begin:  # raw reads may return short counts
+            n = self._file.readinto(buffer[done:])
+            if not n:
+                raise CheckpointError(f"{self.path} is truncated: tensor {key!r} stops after {done} of "
+                                      f"{end - begin} bytes")
+            done += n
         return tensor
 
-    def _read_part(self, buffer: memoryview, offset: int, key: str) -> None:
-        done = 0
-        while done < len(buffer):  # reads may return short counts
-            n = os.preadv(self._file.fileno(), [buffer[done:]], offset + done) if hasattr(os, "preadv") else \
-                self._seek_readinto(buffer[done:], offset + done)
-            if not n:
-                raise CheckpointError(f"{self.path} is truncated: tensor {key!r} stops before byte "
-                                      f"{offset + done - self.data_start} of the data")
-            done += n
-
-    def _seek_readinto(self, buffer: memoryview, offset: int) -> int:
-        self._file.seek(offset)
-        return self._file.readinto(buffer)
+    def mapped(self, key: str) -> torch.Tensor:
+        """The tensor `key` as a copy-on-write view of the file (MAP_PRIVATE): no bytes are read until used,
+        writes to it never reach the file, and it stays valid after `close()`. Falls back to `read` where the
+        data is not aligned for its dtype."""
+        info = self.entries.get(key)
+        if info is None:
+            raise KeyError(f"{self.path} has no tensor {key!r}")
+        dtype, (begin, end) = self.dtype(key), info["data_offsets"]
+        if end == begin or (self.data_start + begin) % dtype.itemsize:
+            return self.read(key)
+        if self._map is None:
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
+        data = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=self.data_start + begin)
+        return data.view(dtype).reshape(self.shape(key))
 
     def lazy(self, key: str) -> LazyTensor:
         """`key` unread: its shape and dtype now, row ranges on demand."""
@@ -149,6 +148,7 @@ class SafetensorsFile:
 
     def close(self) -> None:
         self._file.close()
+        self._map = None  # mapped tensors keep the mapping alive; it is unmapped with the last of them
 
     def __enter__(self) -> SafetensorsFile:
         return self
@@ -168,6 +168,9 @@ class LazyTensor:
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise TypeError(f"LazyTensor reads contiguous row ranges t[a:b], got {rows!r}")
         return self.file.read(self.key, rows.start, rows.stop)
+
+    def mapped(self) -> torch.Tensor:
+        return self.file.mapped(self.key)
 
     def __len__(self) -> int:
         return self.shape[0]

@@ -173,20 +173,41 @@ def test_dtype_bfloat16_and_auto(llama_dir):
 
 
 def test_loading_reads_each_tensor_once_and_holds_no_copy(llama_dir, monkeypatch):
-    """Streaming: every stored tensor is read once and becomes the model's tensor itself (no second copy)."""
-    read: dict[str, torch.Tensor] = {}
-    original = SafetensorsFile.read
+    """Streaming: every stored tensor is fetched once (mapped, as it is used as stored) and becomes the
+    model's tensor itself (no second copy)."""
+    fetched: dict[str, torch.Tensor] = {}
+    originals = {name: getattr(SafetensorsFile, name) for name in ("read", "mapped")}
 
-    def spy(self, key, start=None, stop=None):
-        assert key not in read and (start, stop) == (None, None), f"{key} read twice or in parts"
-        read[key] = original(self, key)
-        return read[key]
+    def spy(name):
+        def fetch(self, key, *rows):
+            assert key not in fetched and not rows, f"{key} fetched twice or in parts"
+            fetched[key] = originals[name](self, key)
+            return fetched[key]
+        return fetch
 
-    monkeypatch.setattr(SafetensorsFile, "read", spy)
+    for name in originals:
+        monkeypatch.setattr(SafetensorsFile, name, spy(name))
     model = from_pretrained(llama_dir)
     state = model.state_dict()
-    assert set(read) == set(load_file(llama_dir / "model.safetensors"))
-    assert all(state[k].data_ptr() == t.data_ptr() for k, t in read.items())
+    assert set(fetched) == set(load_file(llama_dir / "model.safetensors"))
+    assert all(state[k].data_ptr() == t.data_ptr() for k, t in fetched.items())
+
+
+def test_mapped_weights_are_copy_on_write_and_outlive_the_file(tmp_path, llama_dir):
+    """A model loaded as stored maps the file privately: training it never writes the checkpoint, and saving
+    over the same folder (temp file, then rename) leaves the loaded model intact."""
+    shutil.copytree(llama_dir, tmp_path / "m")
+    stored = load_file(tmp_path / "m" / "model.safetensors")
+    model = from_pretrained(tmp_path / "m")
+    key = "model.layers.0.mlp.up_proj.weight"
+    with torch.no_grad():
+        model.get_parameter(key).add_(1.0)
+    assert torch.equal(load_file(tmp_path / "m" / "model.safetensors")[key], stored[key])
+    save_pretrained(model, tmp_path / "m")  # replaces the mapped file
+    assert torch.equal(load_file(tmp_path / "m" / "model.safetensors")[key], stored[key] + 1.0)
+    assert torch.equal(model.get_parameter(key), stored[key] + 1.0)
+    other = "model.layers.1.self_attn.q_proj.weight"
+    assert torch.equal(model.get_parameter(other), stored[other])
 
 
 # ----------------------------------------------------------------------------------------------- errors

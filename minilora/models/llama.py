@@ -122,7 +122,9 @@ class LlamaRotaryEmbedding(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # Computed on the CPU and moved: on the meta device (the loader) arange would import torch._dynamo.
+        inv_freq = rope_inv_freq(config, device="cpu").to(torch.get_default_device())
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
