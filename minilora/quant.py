@@ -55,8 +55,10 @@ class QuantConfig:
     double_quant / blocksize: 4-bit only: quantize the per-block scales again (~0.37 bit per weight less);
         weights per scale.
     compute_dtype: dtype of the matmuls; None means the model's dtype.
-    skip_modules: more modules kept dense (transformers' `llm_int8_skip_modules` rule: a prefix on a module
-        boundary, a regex, or a suffix). The output head and new task heads are always kept dense.
+    skip_modules: linear layers kept dense, as transformers' `llm_int8_skip_modules` (a prefix on a module
+        boundary, a regex, or a suffix). None keeps the output head dense; a list replaces that default, so
+        name the head (["lm_head", ...]) to keep it dense, or pass [] to quantize it too. New task heads, a
+        head tied to the embeddings and T5's `wo` always stay dense.
     int8_threshold: LLM.int8's outlier threshold, only written to config.json: the int8 layer dequantizes
         its weight rather than quantizing activations (bitsandbytes' own CPU training path: faster, exact).
     """
@@ -111,21 +113,30 @@ def _matches(path: str, patterns: Iterable[str]) -> bool:
 
 
 def _always_dense(path: str, module: nn.Module, model: nn.Module) -> bool:
-    """The output head, freshly initialised task heads and the model type's keep-dense modules."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    if callable(get_head) and module is get_head():
-        return True
+    """Freshly initialised task heads, a head tied to the embeddings, and the model type's keep-dense modules."""
     if any((path + ".").startswith(p) for p in getattr(model, "new_head_prefixes", ())):
+        return True
+    tied = getattr(model, "tied_weight_keys", None)
+    if callable(tied) and path + ".weight" in tied():
         return True
     model_type = getattr(getattr(model, "config", None), "raw", {}).get("model_type")
     return _matches(path, KEEP_DENSE_BY_MODEL_TYPE.get(model_type, ()))
 
 
+def _is_output_head(module: nn.Module, model: nn.Module) -> bool:
+    get_head = getattr(model, "get_output_embeddings", None)
+    return callable(get_head) and module is get_head()
+
+
 def should_quantize(path: str, module: nn.Module, qconfig: QuantConfig, model: nn.Module) -> bool:
-    """True for an `nn.Linear` at `path` in `model` that `qconfig` quantizes."""
+    """True for an `nn.Linear` at `path` in `model` that `qconfig` quantizes: all but new task heads, tied
+    heads and the model type's keep-dense modules, less `skip_modules`, or less the output head when
+    `skip_modules` is None (transformers' rule: a skip list replaces the default one)."""
     if not isinstance(module, nn.Linear) or _always_dense(path, module, model):
         return False
-    return not (qconfig.skip_modules and _matches(path, qconfig.skip_modules))
+    if qconfig.skip_modules is None:
+        return not _is_output_head(module, model)
+    return not _matches(path, qconfig.skip_modules)
 
 
 # --------------------------------------------------------------------------------------------------------

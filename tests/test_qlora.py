@@ -102,3 +102,26 @@ def test_merge_and_unload_of_a_quantized_model_is_a_plain_dense_model(tmp_path, 
     assert type(hf.model.layers[1].mlp.down_proj) is nn.Linear and hf.dtype == torch.bfloat16
     with torch.no_grad():
         torch.testing.assert_close(hf(IDS).logits.float(), after, rtol=2e-2, atol=2e-2)
+
+
+def test_an_explicit_skip_list_replaces_the_default_like_transformers(tmp_path, llama_dir):
+    """skip_modules=[] quantizes the output head too, as llm_int8_skip_modules=[] does in transformers; a head
+    tied to the embeddings stays dense whatever the list says."""
+    model = ml.from_pretrained(llama_dir, quantize=ml.QuantConfig("nf4", compute_dtype=torch.float32,
+                                                                  skip_modules=[]), dtype=torch.float32)
+    assert isinstance(model.lm_head, quant.NF4Linear)
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
+                                             llm_int8_skip_modules=[])
+    hf = transformers.LlamaForCausalLM.from_pretrained(llama_dir, dtype=torch.float32, quantization_config=config)
+    assert torch.equal(model.lm_head.weight.data, hf.lm_head.weight.data)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, hf.train()(IDS).logits, rtol=1e-4, atol=1e-4)
+
+    torch.manual_seed(0)
+    tied = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(tied).save_pretrained(tmp_path / "tied", safe_serialization=True)
+    model = ml.from_pretrained(tmp_path / "tied", quantize=ml.QuantConfig("nf4", skip_modules=[]))
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+    assert isinstance(model.model.layers[0].mlp.down_proj, quant.NF4Linear)

@@ -362,7 +362,10 @@ def test_should_quantize_keeps_heads_and_skip_modules_dense():
     model.new_head_prefixes = ("classifier.",)
     picked = lambda qc: [p for p, m in model.named_modules() if quant.should_quantize(p, m, qc, model)]  # noqa: E731
     assert picked(QuantConfig()) == ["proj"]
-    assert picked(QuantConfig(skip_modules=["proj"])) == []
+    # an explicit skip list replaces the default one (transformers' llm_int8_skip_modules rule)
+    assert picked(QuantConfig(skip_modules=["proj", "lm_head"])) == []
+    assert picked(QuantConfig(skip_modules=["proj"])) == ["lm_head"]
+    assert picked(QuantConfig(skip_modules=[])) == ["proj", "lm_head"]
     assert not quant.should_quantize("proj", model.norm, QuantConfig(), model)  # not a linear layer
     # T5's `wo` stays dense, as transformers keeps it (its _keep_in_fp32_modules)
     model.config = type("Config", (), {"raw": {"model_type": "t5"}})()
