@@ -31,15 +31,13 @@ OFFLINE_COMMAND = ("python examples/bert_sentiment_lora.py --model /path/to/all-
 def build_parser() -> argparse.ArgumentParser:
     parser = common_parser(__doc__.split("\n")[0], model="google-bert/bert-base-uncased",
                            data="cornell-movie-review-data/rotten_tomatoes",
-                           output_dir="out/bert_sentiment_lora", epochs=3, lr=1e-3, batch_size=16)
+                           output_dir="out/bert_sentiment_lora", epochs=3, lr=1e-3, batch_size=16,
+                           lora_r=32, lora_alpha=4, lora_dropout=0.1)
     parser.add_argument("--eval-split", default="test", help="split evaluated before and after training")
     parser.add_argument("--text-column", default="text", help="column holding the sentence")
     parser.add_argument("--label-column", default="label", help="column holding the class id")
     parser.add_argument("--num-labels", type=int, default=2, help="number of classes")
     parser.add_argument("--max-length", type=int, default=128, help="truncate sentences to this many tokens")
-    parser.add_argument("--lora-r", type=int, default=32, help="LoRA rank")
-    parser.add_argument("--lora-alpha", type=float, default=4, help="LoRA alpha (scaling = alpha / r)")
-    parser.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA input")
     parser.add_argument("--modules-to-save", default="classifier",
                         help="comma-separated modules trained in full and saved with the adapter (the head); "
                              "add 'pooler' when the checkpoint's pooler never was (sentence-transformers)")

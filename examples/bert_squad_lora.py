@@ -33,16 +33,13 @@ TOKENIZER_FOR = {"deepset/bert-base-cased-squad2": "google-bert/bert-base-cased"
 def build_parser() -> argparse.ArgumentParser:
     parser = common_parser(__doc__.split("\n")[0], model="deepset/bert-base-cased-squad2",
                            data="rajpurkar/squad", output_dir="out/bert_squad_lora", epochs=2, lr=2e-4,
-                           batch_size=16, max_train_samples=1000)
+                           batch_size=16, max_train_samples=1000, lora_r=16, lora_alpha=32, lora_dropout=0.1)
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer folder or hub id (default: --model's; google-bert/bert-base-cased "
                              "for deepset/bert-base-cased-squad2, which lacks tokenizer.json)")
     parser.add_argument("--eval-split", default="validation", help="split scored with exact match and F1")
     parser.add_argument("--max-length", type=int, default=384, help="tokens per question + context window")
     parser.add_argument("--doc-stride", type=int, default=128, help="overlap of consecutive context windows")
-    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha (scaling = alpha / r)")
-    parser.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA input")
     parser.add_argument("--target-modules", default="query,key,value,dense",
                         help="comma-separated names of the linear layers that get LoRA")
     return parser

@@ -28,7 +28,8 @@ if (REPO_ROOT / "minilora" / "__init__.py").is_file() and str(REPO_ROOT) not in 
 
 def common_parser(description: str, *, model: str, data: str, output_dir: str, epochs: int = 1,
                   lr: float = 2e-4, batch_size: int = 8, max_train_samples: int | None = None,
-                  max_eval_samples: int | None = None) -> argparse.ArgumentParser:
+                  max_eval_samples: int | None = None, lora_r: int = 16, lora_alpha: float = 32,
+                  lora_dropout: float = 0.05) -> argparse.ArgumentParser:
     """An ArgumentParser with the options every example has; the keyword arguments are the recipe's defaults.
 
     Scripts add their own options to the returned parser. `--help` shows every default.
@@ -54,6 +55,9 @@ def common_parser(description: str, *, model: str, data: str, output_dir: str, e
                         help="train on a random subset of this many rows, or 'all'")
     parser.add_argument("--max-eval-samples", type=_count_or_all, default=max_eval_samples or "all",
                         help="evaluate on a random subset of this many rows, or 'all'")
+    parser.add_argument("--lora-r", type=int, default=lora_r, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=float, default=lora_alpha, help="LoRA alpha (scaling = alpha / r)")
+    parser.add_argument("--lora-dropout", type=float, default=lora_dropout, help="dropout on the LoRA input")
     return parser
 
 
@@ -71,6 +75,17 @@ def _count_or_all(text: str) -> int | None:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive number of rows or 'all', got {text!r}")
     return int(text)
+
+
+def start(args: argparse.Namespace) -> torch.device:
+    """What the LLM scripts' main() does first: `--target-modules all-linear` as peft's string, the seed, a
+    fresh peak-memory window; returns the device."""
+    if args.target_modules == ["all-linear"]:
+        args.target_modules = "all-linear"
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    reset_peak_memory(device)
+    return device
 
 
 def resolve_device(name: str | None) -> torch.device:

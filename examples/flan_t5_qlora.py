@@ -21,8 +21,8 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import (common_parser, hold_out, peak_memory, print_metrics, reset_peak_memory, resolve_device, run_script,
-                    subsample, timed_evaluate, train_config, write_results)
+from common import (common_parser, hold_out, peak_memory, print_metrics, run_script, start, subsample, timed_evaluate,
+                    train_config, write_results)
 
 import minilora as ml
 from minilora.data import Collator, load_records, seq2seq_dataset
@@ -37,16 +37,13 @@ OFFLINE = ("python examples/flan_t5_qlora.py --model ../test-models/t5-random-fl
 def build_parser() -> argparse.ArgumentParser:
     parser = common_parser(__doc__.split("\n\n")[0], model="google/flan-t5-large", data="Open-Orca/OpenOrca",
                            output_dir="out/flan_t5_qlora", epochs=3, lr=1e-3, batch_size=8,
-                           max_eval_samples=100)
+                           max_eval_samples=100, lora_r=16, lora_alpha=32, lora_dropout=0.05)
     parser.add_argument("--data-file", default="1M-GPT4-Augmented.parquet",
                         help="with a hub dataset id: the data file to read")
     parser.add_argument("--quantize", choices=["int8", "nf4", "none"], default="int8",
                         help="how the frozen base is stored (none: plain LoRA on a dense base)")
     parser.add_argument("--adapter", default=None,
                         help="start from this adapter (folder or hub id; its LoRA settings replace --lora-*)")
-    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha (scaling = alpha / r)")
-    parser.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
     parser.add_argument("--target-modules", nargs="+", default=["q", "v"],
                         help="module names that get LoRA, or all-linear")
     parser.add_argument("--max-source-length", type=int, default=512,
@@ -112,11 +109,7 @@ def show(title: str, items: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.target_modules == ["all-linear"]:
-        args.target_modules = "all-linear"
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
-    reset_peak_memory(device)
+    device = start(args)
 
     # Data: prompts over the input limit are dropped, not truncated, so no question is learned cut off.
     tokenizer = ml.load_tokenizer(args.model)

@@ -21,8 +21,7 @@ import math
 from pathlib import Path
 
 import torch
-from common import (common_parser, peak_memory, print_metrics, qlora_precision, reset_peak_memory,
-                    resolve_device, run_script, split_rows,
+from common import (common_parser, peak_memory, print_metrics, qlora_precision, run_script, split_rows, start,
                     subsample, timed_evaluate, train_config, write_results)
 
 import minilora as ml
@@ -39,7 +38,8 @@ OFFLINE = ("python examples/llama2_medical_qlora.py --model ../test-models/SmolL
 def build_parser() -> argparse.ArgumentParser:
     parser = common_parser(__doc__.split("\n\n")[0], model=DEFAULT_MODEL,
                            data="keivalya/MedQuad-MedicalQnADataset", output_dir="out/llama2_medical_qlora",
-                           epochs=1, lr=2e-4, batch_size=2, max_eval_samples=200)
+                           epochs=1, lr=2e-4, batch_size=2, max_eval_samples=200,
+                           lora_r=64, lora_alpha=16, lora_dropout=0.1)
     parser.add_argument("--revision", default=None,
                         help=f"hub revision of --model (default: {SAFETENSORS_REVISION}, the safetensors "
                              f"conversion, for {DEFAULT_MODEL}; main otherwise)")
@@ -47,9 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--answer-column", default="answer", help="column of the answers")
     parser.add_argument("--quantize", choices=["nf4", "fp4", "int8", "none"], default="nf4",
                         help="how the frozen base is stored (none: plain LoRA on a dense base)")
-    parser.add_argument("--lora-r", type=int, default=64, help="LoRA rank")
-    parser.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (scaling = alpha / r)")
-    parser.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA input")
     parser.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"],
                         help="module names that get LoRA, or all-linear")
     parser.add_argument("--max-seq-length", type=int, default=512,
@@ -91,11 +88,7 @@ def held_out_metrics(model, features, collate, batch_size: int) -> dict[str, flo
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.target_modules == ["all-linear"]:
-        args.target_modules = "all-linear"
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
-    reset_peak_memory(device)
+    device = start(args)
 
     revision = args.revision or (SAFETENSORS_REVISION if args.model == DEFAULT_MODEL else None)
     tokenizer = ml.load_tokenizer(args.model, revision=revision)

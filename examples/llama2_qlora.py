@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import (common_parser, peak_memory, print_metrics, qlora_precision, reset_peak_memory,
-                    resolve_device, run_script, split_rows,
+from common import (common_parser, peak_memory, print_metrics, qlora_precision, run_script, split_rows, start,
                     subsample, timed_evaluate, train_config, write_results)
 
 import minilora as ml
@@ -40,14 +39,11 @@ QUESTIONS = ["What is a large language model?", "What is the capital of France?"
 def build_parser() -> argparse.ArgumentParser:
     parser = common_parser(__doc__.split("\n\n")[0], model="NousResearch/Llama-2-7b-hf",
                            data="mlabonne/guanaco-llama2-1k", output_dir="out/llama2_qlora", epochs=1,
-                           lr=2e-4, batch_size=4, max_eval_samples=50)
+                           lr=2e-4, batch_size=4, max_eval_samples=50, lora_r=64, lora_alpha=16, lora_dropout=0.1)
     parser.add_argument("--quantize", choices=["nf4", "fp4", "int8", "none"], default="nf4",
                         help="how the frozen base is stored (none: plain LoRA on a dense base)")
     parser.add_argument("--double-quant", action="store_true",
                         help="4-bit: quantize the scales too (recipe: off)")
-    parser.add_argument("--lora-r", type=int, default=64, help="LoRA rank")
-    parser.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (scaling = alpha / r)")
-    parser.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the LoRA input")
     parser.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"],
                         help="module names that get LoRA, or all-linear")
     parser.add_argument("--train-head", action="store_true",
@@ -104,11 +100,7 @@ def show_answers(title: str, questions: list[str], answers: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.target_modules == ["all-linear"]:
-        args.target_modules = "all-linear"
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
-    reset_peak_memory(device)
+    device = start(args)
 
     # Data: Llama-2 chat rows, tokenized whole (the loss covers question and answer, as in the recipe).
     tokenizer = ml.load_tokenizer(args.model)

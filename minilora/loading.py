@@ -23,85 +23,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from minilora.hub import PICKLED_WEIGHT_PATTERNS, pickled_weights_message, resolve_model_dir
+from minilora.hub import resolve_model_dir
 from minilora.models import FAMILIES, model_classes
-from minilora.safetensors_io import (CheckpointError, LazyTensor, SafetensorsFile, _atomic_write,  # noqa: F401
-                                     load_safetensors, save_safetensors)
+from minilora.safetensors_io import (Checkpoint, CheckpointError, LazyTensor, SafetensorsFile,  # noqa: F401
+                                     _atomic_write, load_safetensors, save_safetensors)
 
 if TYPE_CHECKING:
     from minilora.quant import QuantConfig
 
 # Checkpoint tensors every HF architecture recomputes from the config (old checkpoints saved them).
 ALWAYS_IGNORED_KEYS = (r"(^|\.)position_ids$", r"(^|\.)rotary_emb\.inv_freq$", r"(^|\.)inv_freq$")
-
-
-class Checkpoint:
-    """The weights of a model folder: `model.safetensors`, or shards listed in `model.safetensors.index.json`."""
-
-    def __init__(self, model_dir: Path):
-        single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
-        self.files: list[SafetensorsFile] = []
-        self.where: dict[str, SafetensorsFile] = {}
-        try:
-            if single.is_file():
-                self.files = [SafetensorsFile(single)]
-                self.where = dict.fromkeys(self.files[0].keys(), self.files[0])
-            elif index.is_file():
-                self._open_shards(index)
-            elif any(any(model_dir.glob(p)) for p in PICKLED_WEIGHT_PATTERNS):
-                raise ValueError(pickled_weights_message(str(model_dir)))
-            else:
-                raise FileNotFoundError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json")
-        except BaseException:
-            self.close()
-            raise
-
-    def _open_shards(self, index: Path) -> None:
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid index: expected JSON with a 'weight_map' object") from e
-        names = sorted(set(weight_map.values()))
-        missing = [n for n in names if not (index.parent / n).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index} lists shard file(s) missing from {index.parent}: {', '.join(missing)}")
-        by_name = {}
-        for name in names:
-            by_name[name] = SafetensorsFile(index.parent / name)
-            self.files.append(by_name[name])
-        for key, name in weight_map.items():
-            if key not in by_name[name].entries:
-                raise CheckpointError(f"{index} maps tensor {key!r} to {name}, which does not contain it")
-            self.where[key] = by_name[name]
-
-    def keys(self) -> list[str]:
-        return list(self.where)
-
-    def shape(self, key: str) -> torch.Size:
-        return self.where[key].shape(key)
-
-    def read(self, key: str) -> torch.Tensor:
-        return self.where[key].read(key)
-
-    def lazy(self, key: str) -> LazyTensor:
-        return self.where[key].lazy(key)
-
-    def majority_float_dtype(self) -> torch.dtype | None:
-        counts: dict[torch.dtype, int] = {}
-        for key, f in self.where.items():
-            if f.dtype(key).is_floating_point:
-                counts[f.dtype(key)] = counts.get(f.dtype(key), 0) + self.shape(key).numel()
-        return max(counts, key=counts.get) if counts else None
-
-    def close(self) -> None:
-        for f in self.files:
-            f.close()
-
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def from_pretrained(path_or_id: str | os.PathLike, task: str | None = None, num_labels: int | None = None,

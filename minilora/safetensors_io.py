@@ -1,4 +1,5 @@
-"""Safetensors files read with plain file I/O or mapped copy-on-write, and written atomically.
+"""Safetensors files read with plain file I/O or mapped copy-on-write, and written atomically; `Checkpoint`,
+the weight files of a model folder (one file or shards listed in an index).
 
 Tensors that are converted or quantized on the way are read a few rows at a time into fresh buffers, so no
 mapped file pages sit in RSS beside the result; tensors used exactly as stored can be mapped instead (no
@@ -19,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from minilora.hub import PICKLED_WEIGHT_PATTERNS, pickled_weights_message
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -174,6 +177,75 @@ class LazyTensor:
 
     def __len__(self) -> int:
         return self.shape[0]
+
+
+class Checkpoint:
+    """The weights of a model folder: `model.safetensors`, or shards listed in `model.safetensors.index.json`."""
+
+    def __init__(self, model_dir: Path):
+        single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
+        self.files: list[SafetensorsFile] = []
+        self.where: dict[str, SafetensorsFile] = {}
+        try:
+            if single.is_file():
+                self.files = [SafetensorsFile(single)]
+                self.where = dict.fromkeys(self.files[0].keys(), self.files[0])
+            elif index.is_file():
+                self._open_shards(index)
+            elif any(any(model_dir.glob(p)) for p in PICKLED_WEIGHT_PATTERNS):
+                raise ValueError(pickled_weights_message(str(model_dir)))
+            else:
+                raise FileNotFoundError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json")
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_shards(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid index: expected JSON with a 'weight_map' object") from e
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (index.parent / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shard file(s) missing from {index.parent}: {', '.join(missing)}")
+        by_name = {}
+        for name in names:
+            by_name[name] = SafetensorsFile(index.parent / name)
+            self.files.append(by_name[name])
+        for key, name in weight_map.items():
+            if key not in by_name[name].entries:
+                raise CheckpointError(f"{index} maps tensor {key!r} to {name}, which does not contain it")
+            self.where[key] = by_name[name]
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def shape(self, key: str) -> torch.Size:
+        return self.where[key].shape(key)
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.where[key].read(key)
+
+    def lazy(self, key: str) -> LazyTensor:
+        return self.where[key].lazy(key)
+
+    def majority_float_dtype(self) -> torch.dtype | None:
+        counts: dict[torch.dtype, int] = {}
+        for key, f in self.where.items():
+            if f.dtype(key).is_floating_point:
+                counts[f.dtype(key)] = counts.get(f.dtype(key), 0) + self.shape(key).numel()
+        return max(counts, key=counts.get) if counts else None
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
