@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from minilora import gemm
+
 CHUNK_ELEMENTS = 1 << 18  # logits per cross-entropy chunk: a 1 MB fp32 buffer stays in L2 cache
 
 
@@ -194,10 +196,10 @@ class _Attention(torch.autograd.Function):
         kv_heads, kv_len = k.shape[1], k.shape[2]
         groups = heads // kv_heads
         q = (q * head_dim ** -0.5).reshape(batch, kv_heads, groups * q_len, head_dim)
-        scores = torch.matmul(q, k.transpose(-1, -2)).view(batch, kv_heads, groups, q_len, kv_len)
+        scores = gemm.matmul(q, k.transpose(-1, -2)).view(batch, kv_heads, groups, q_len, kv_len)
         scores += bias.unsqueeze(1)  # (batch | 1, 1, 1, q_len, kv_len)
         probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, groups * q_len, kv_len)
-        out = torch.matmul(probs, v).view(batch, heads, q_len, head_dim)
+        out = gemm.matmul(probs, v).view(batch, heads, q_len, head_dim)
         ctx.save_for_backward(q, k, v, probs, out)
         return out
 
@@ -207,12 +209,12 @@ class _Attention(torch.autograd.Function):
         q, k, v, probs, out = ctx.saved_tensors
         batch, kv_heads, rows, head_dim = q.shape
         grad_out = grad_out.reshape(batch, kv_heads, rows, head_dim)
-        grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
-        grad_probs = torch.matmul(grad_out, v.transpose(-1, -2))
+        grad_v = gemm.matmul(probs.transpose(-1, -2), grad_out)
+        grad_probs = gemm.matmul(grad_out, v.transpose(-1, -2))
         # Softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O).
         # In the input dtype: fp32 mixed-dtype elementwise ops cost 3x the whole pass on CPU.
         delta = (grad_out * out.view_as(grad_out)).sum(-1, keepdim=True, dtype=torch.float32)
         grad_scores = grad_probs.sub_(delta.to(q.dtype)).mul_(probs)
-        grad_q = torch.matmul(grad_scores, k) * head_dim ** -0.5
-        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
+        grad_q = gemm.matmul(grad_scores, k) * head_dim ** -0.5
+        grad_k = gemm.matmul(grad_scores.transpose(-1, -2), q)
         return grad_q.view(out.shape), grad_k, grad_v, None

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minilora import gemm
+
 DROPOUT_RESOLUTION = 1 << 16  # dropout probabilities are rounded to multiples of 1 / 65536
 
 
@@ -97,21 +99,25 @@ class _LoraUpdate(torch.autograd.Function):
         n = len(scalings)
         outs, a_factors, b_factors = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
         dtype = outs[0].dtype
+        mm = gemm.gemm_dtype(dtype, h.device)  # fp32 on CPUs without fast bf16 kernels (see minilora.gemm)
         with torch.autocast(h.device.type, enabled=False):  # exactly the outputs' dtype, even under autocast
             h2 = h.reshape(-1, h.shape[-1]).to(dtype)
             a_weight = torch.cat([a.to(dtype) for a in a_factors])  # (sum of ranks, in)
             # B.T scaled, (r, out): addmm's fast layout
             scaled_b_ts = [(b.t() * s).to(dtype).contiguous() for b, s in zip(b_factors, scalings, strict=True)]
-            a_all = h2 @ a_weight.t()
+            a_all = h2.to(mm) @ a_weight.to(mm).t()
             results, dirty = [], []
             ranks = [a.shape[0] for a in a_factors]
             for out, a, b_t in zip(outs, a_all.split(ranks, -1), scaled_b_ts, strict=True):
-                if out.is_contiguous() and not out._is_view():
-                    out.view(-1, out.shape[-1]).addmm_(a, b_t)
-                    dirty.append(out)
-                    results.append(out)
-                else:
-                    results.append(torch.addmm(out.reshape(-1, out.shape[-1]), a, b_t).view(out.shape))
+                in_place = out.is_contiguous() and not out._is_view()
+                flat = out.view(-1, out.shape[-1]) if in_place else out.reshape(-1, out.shape[-1])
+                if mm == dtype:
+                    result = flat.addmm_(a, b_t) if in_place else torch.addmm(flat, a, b_t)
+                else:  # the sum in fp32, rounded once, as a native bf16 addmm does
+                    result = torch.addmm(flat.to(mm), a, b_t.to(mm)).to(dtype)
+                    result = flat.copy_(result) if in_place else result
+                results.append(out if in_place else result.view(out.shape))
+                dirty += [out] if in_place else []
             ctx.mark_dirty(*dirty)
         ctx.save_for_backward(h2, a_all, a_weight, *scaled_b_ts)
         ctx.scalings, ctx.h_shape = scalings, h.shape
@@ -124,13 +130,14 @@ class _LoraUpdate(torch.autograd.Function):
         h2, a_all, a_weight, *scaled_b_ts = ctx.saved_tensors
         h_dtype, a_dtypes, b_dtypes = ctx.dtypes
         n, ranks = len(grads), [b_t.shape[0] for b_t in scaled_b_ts]
-        gs = [g.reshape(-1, g.shape[-1]).to(a_all.dtype) for g in grads]
-        grad_a = torch.cat([g @ b_t.t() for g, b_t in zip(gs, scaled_b_ts, strict=True)], dim=-1)
+        mm = a_all.dtype
+        gs = [g.reshape(-1, g.shape[-1]).to(mm) for g in grads]
+        grad_a = torch.cat([g @ b_t.to(mm).t() for g, b_t in zip(gs, scaled_b_ts, strict=True)], dim=-1)
         grad_h, grad_as, grad_bs = None, [None] * n, [None] * n
         if ctx.needs_input_grad[0]:
-            grad_h = (grad_a @ a_weight).view(ctx.h_shape).to(h_dtype)
+            grad_h = (grad_a @ a_weight.to(mm)).view(ctx.h_shape).to(h_dtype)
         if any(ctx.needs_input_grad[2 + n:2 + 2 * n]):
-            grad_as = [g.to(dt) for g, dt in zip((grad_a.t() @ h2).split(ranks), a_dtypes, strict=True)]
+            grad_as = [g.to(dt) for g, dt in zip((grad_a.t() @ h2.to(mm)).split(ranks), a_dtypes, strict=True)]
         if any(ctx.needs_input_grad[2 + 2 * n:]):
             grad_bs = [(a.t() @ g).t().to(dt) * s
                        for a, g, dt, s in zip(a_all.split(ranks, -1), gs, b_dtypes, ctx.scalings, strict=True)]
@@ -171,18 +178,20 @@ class _LoraLinearFn(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, keep: torch.Tensor | None, bases: tuple[nn.Module, ...],
                 scalings: tuple[float, ...], *factors: torch.Tensor):
         n, dtype = len(bases), x.dtype
+        mm = gemm.gemm_dtype(dtype, x.device)  # fp32 on CPUs without fast bf16 kernels (see minilora.gemm)
         a_factors, b_factors = factors[:n], factors[n:]
         x2 = x.reshape(-1, x.shape[-1])
         keep2 = None if keep is None else keep.reshape(x2.shape)
         h2 = x2 if keep2 is None else x2 * keep2
         a_weight = torch.cat([a.to(dtype) for a in a_factors])  # (sum of ranks, in)
         scaled_b_ts = [(b.t() * s).to(dtype).contiguous() for b, s in zip(b_factors, scalings, strict=True)]
-        a_all = h2 @ a_weight.t()
+        a_all = h2.to(mm) @ a_weight.to(mm).t()
+        x2 = x2.to(mm)
         outs = []
         for base, a, b_t in zip(bases, a_all.split([a.shape[0] for a in a_factors], -1), scaled_b_ts, strict=True):
-            bias = None if base.bias is None else base.bias.to(dtype)
-            out = F.linear(x2, _weight_in(base, dtype), bias).addmm_(a, b_t)
-            outs.append(out.view(*x.shape[:-1], out.shape[-1]))
+            bias = None if base.bias is None else base.bias.to(mm)
+            out = F.linear(x2, _weight_in(base, dtype).to(mm), bias).addmm_(a, b_t.to(mm))
+            outs.append(out.view(*x.shape[:-1], out.shape[-1]).to(dtype))
         ctx.save_for_backward(h2, keep2, a_all, a_weight, *scaled_b_ts)
         ctx.bases, ctx.scalings, ctx.x_shape = bases, scalings, x.shape
         ctx.dtypes = ([a.dtype for a in a_factors], [b.dtype for b in b_factors])
@@ -193,19 +202,20 @@ class _LoraLinearFn(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):
         h2, keep2, a_all, a_weight, *scaled_b_ts = ctx.saved_tensors
         a_dtypes, b_dtypes = ctx.dtypes
+        dtype, mm = h2.dtype, a_all.dtype
         n, ranks = len(grads), [b_t.shape[0] for b_t in scaled_b_ts]
-        gs = [g.reshape(-1, g.shape[-1]).to(h2.dtype) for g in grads]
-        grad_a = torch.cat([g @ b_t.t() for g, b_t in zip(gs, scaled_b_ts, strict=True)], dim=-1)
+        gs = [g.reshape(-1, g.shape[-1]).to(mm) for g in grads]
+        grad_a = torch.cat([g @ b_t.to(mm).t() for g, b_t in zip(gs, scaled_b_ts, strict=True)], dim=-1)
         grad_x, grad_as, grad_bs = None, [None] * n, [None] * n
         if ctx.needs_input_grad[0]:
             for base, g in zip(ctx.bases, gs, strict=True):
-                weight = _weight_in(base, h2.dtype)
+                weight = _weight_in(base, dtype).to(mm)
                 grad_x = g @ weight if grad_x is None else grad_x.addmm_(g, weight)
-            lora_grad = grad_a @ a_weight
+            lora_grad = grad_a @ a_weight.to(mm)
             grad_x = grad_x.add_(lora_grad) if keep2 is None else grad_x.addcmul_(lora_grad, keep2)
-            grad_x = grad_x.view(ctx.x_shape)
+            grad_x = grad_x.view(ctx.x_shape).to(dtype)
         if any(ctx.needs_input_grad[4:4 + n]):
-            grad_as = [g.to(dt) for g, dt in zip((grad_a.t() @ h2).split(ranks), a_dtypes, strict=True)]
+            grad_as = [g.to(dt) for g, dt in zip((grad_a.t() @ h2.to(mm)).split(ranks), a_dtypes, strict=True)]
         if any(ctx.needs_input_grad[4 + n:]):
             grad_bs = [(a.t() @ g).t().to(dt) * s
                        for a, g, dt, s in zip(a_all.split(ranks, -1), gs, b_dtypes, ctx.scalings, strict=True)]

@@ -20,8 +20,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from minilora import gemm
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
@@ -154,14 +155,14 @@ class _FrozenLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x, layer.dequantize(x.dtype), bias)
+        return gemm.linear(x, layer.dequantize(x.dtype), bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ ctx.layer.dequantize(grad_out.dtype)
+            grad_x = gemm.matmul(grad_out, ctx.layer.dequantize(grad_out.dtype))
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, grad_bias

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora import fused
+from minilora import fused, gemm
 from minilora.checkpointing import run_block
 from minilora.lora import shared_input
 from minilora.models.outputs import ModelOutput
@@ -299,7 +299,7 @@ class LlamaForCausalLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
-        logits = self.lm_head(hidden)
+        logits = gemm.apply_linear(self.lm_head, hidden)
         loss = None
         if labels is not None:
             loss = fused.causal_lm_loss(logits, labels)

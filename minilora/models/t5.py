@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minilora import gemm
 from minilora.checkpointing import run_block
 from minilora.models.outputs import ModelOutput
 
@@ -426,7 +427,7 @@ class T5ForConditionalGeneration(nn.Module):
         hidden, cache = self.decoder(decoder_input_ids, decoder_attention_mask, encoder_outputs, attention_mask,
                                      past_key_values, use_cache)
         scaled = hidden * self.config.d_model ** -0.5 if self.config.scale_decoder_outputs else hidden
-        logits = self.lm_head(scaled)
+        logits = gemm.apply_linear(self.lm_head, scaled)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1).to(logits.device),
