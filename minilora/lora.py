@@ -14,6 +14,7 @@ Training speed (what differs from peft, which gives the same results up to round
   that calls such siblings through `shared_input` also gets their A projections in one matmul.
 - A frozen base layer (nn.Linear or quantized) runs inside the LoRA layer's autograd node
   (`_LoraLinearFn`), so the input gradient of the bases and of the LoRA branch lands in one buffer.
+- On CPUs without fast bf16 kernels the bf16 products run in fp32, rounded once (`minilora.gemm`).
 """
 from __future__ import annotations
 
@@ -279,12 +280,12 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return self.base_layer(x)
+            return gemm.apply_linear(self.base_layer, x)
         keep, scaling = self._dropout_mask(x)
         if _runs_inside(self.base_layer, x):
             return _LoraLinearFn.apply(x, keep, (self.base_layer,), (scaling,), self.lora_A.weight,
                                        self.lora_B.weight)[0]
-        out = self.base_layer(x)
+        out = gemm.apply_linear(self.base_layer, x)
         h = x if keep is None else x * keep
         return _LoraUpdate.apply(h, (scaling,), out, self.lora_A.weight, self.lora_B.weight)[0]
 
@@ -362,7 +363,7 @@ def shared_input(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
     grouped = [layer for layer in layers if isinstance(layer, LoraLinear) and not layer.merged
                and not (layer._forward_hooks or layer._forward_pre_hooks)]
     if len(grouped) < 2:
-        return [layer(x) for layer in layers]
+        return [gemm.apply_linear(layer, x) for layer in layers]
     masks = [layer._dropout_mask(x) for layer in grouped]
     factors = [layer.lora_A.weight for layer in grouped] + [layer.lora_B.weight for layer in grouped]
     scalings = tuple(s for _, s in masks)
@@ -370,7 +371,7 @@ def shared_input(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
         results = _LoraLinearFn.apply(x, masks[0][0], tuple(layer.base_layer for layer in grouped), scalings,
                                       *factors)
     else:
-        outs = [layer.base_layer(x) for layer in grouped]
+        outs = [gemm.apply_linear(layer.base_layer, x) for layer in grouped]
         products = {id(keep): x * keep for keep, _ in masks if keep is not None}  # one per distinct mask
         dropped = [x if keep is None else products[id(keep)] for keep, _ in masks]
         if all(keep is masks[0][0] for keep, _ in masks) and len({out.dtype for out in outs}) == 1:
@@ -379,4 +380,4 @@ def shared_input(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
             results = [_LoraUpdate.apply(h, (s,), out, layer.lora_A.weight, layer.lora_B.weight)[0]
                        for h, s, out, layer in zip(dropped, scalings, outs, grouped, strict=True)]
     by_layer = {id(layer): result for layer, result in zip(grouped, results, strict=True)}
-    return [by_layer[id(layer)] if id(layer) in by_layer else layer(x) for layer in layers]
+    return [by_layer[id(layer)] if id(layer) in by_layer else gemm.apply_linear(layer, x) for layer in layers]

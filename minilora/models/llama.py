@@ -188,7 +188,7 @@ class LlamaAttention(nn.Module):
                                                  dropout_p=dropout)
         if sees_nothing is not None:
             out = out.masked_fill(sees_nothing, 0.0)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1)), new_kv
+        return gemm.apply_linear(self.o_proj, out.transpose(1, 2).reshape(batch, seq, -1)), new_kv
 
 
 class LlamaMLP(nn.Module):
@@ -201,7 +201,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = shared_input(x, self.gate_proj, self.up_proj)
-        return self.down_proj(F.silu(gate) * up)
+        return gemm.apply_linear(self.down_proj, F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
