@@ -24,9 +24,13 @@ def cpu_has_fast_bf16_gemm() -> bool:
     return any(probe() for probe in probes if probe is not None)
 
 
-def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """`dtype`, or float32 for bf16 on a CPU without fast bf16 kernels."""
-    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_fast_bf16_gemm():
+# Below this many rows (decoding a token at a time) bf16's slow kernel still beats converting the weight.
+FP32_MIN_ROWS = 16
+
+
+def gemm_dtype(dtype: torch.dtype, device: torch.device, rows: int) -> torch.dtype:
+    """`dtype`, or float32 for a product of `rows` bf16 rows on a CPU without fast bf16 kernels."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and rows >= FP32_MIN_ROWS and not cpu_has_fast_bf16_gemm():
         return torch.float32
     return dtype
 
@@ -34,7 +38,7 @@ def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` with the product computed in `gemm_dtype` and returned in x's dtype
     (differentiable)."""
-    dtype = gemm_dtype(x.dtype, x.device)
+    dtype = gemm_dtype(x.dtype, x.device, x.numel() // max(x.shape[-1], 1))
     if dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
         return F.linear(x, weight, bias)
     bias = None if bias is None else bias.to(dtype)
@@ -43,7 +47,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`a @ b` with the product computed in `gemm_dtype` and returned in a's dtype (inside autograd Functions)."""
-    dtype = gemm_dtype(a.dtype, a.device)
+    rows = a.numel() // max(a.shape[-1], 1) if b.dim() == 2 else a.shape[-2]  # a batched b: rows per product
+    dtype = gemm_dtype(a.dtype, a.device, rows)
     if dtype == a.dtype:
         return a @ b
     return (a.to(dtype) @ b.to(dtype)).to(a.dtype)

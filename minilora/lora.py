@@ -100,7 +100,7 @@ class _LoraUpdate(torch.autograd.Function):
         n = len(scalings)
         outs, a_factors, b_factors = tensors[:n], tensors[n:2 * n], tensors[2 * n:]
         dtype = outs[0].dtype
-        mm = gemm.gemm_dtype(dtype, h.device)  # fp32 on CPUs without fast bf16 kernels (see minilora.gemm)
+        mm = gemm.gemm_dtype(dtype, h.device, h.numel() // h.shape[-1])  # fp32 on CPUs without fast bf16 GEMMs
         with torch.autocast(h.device.type, enabled=False):  # exactly the outputs' dtype, even under autocast
             h2 = h.reshape(-1, h.shape[-1]).to(dtype)
             a_weight = torch.cat([a.to(dtype) for a in a_factors])  # (sum of ranks, in)
@@ -179,9 +179,9 @@ class _LoraLinearFn(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, keep: torch.Tensor | None, bases: tuple[nn.Module, ...],
                 scalings: tuple[float, ...], *factors: torch.Tensor):
         n, dtype = len(bases), x.dtype
-        mm = gemm.gemm_dtype(dtype, x.device)  # fp32 on CPUs without fast bf16 kernels (see minilora.gemm)
         a_factors, b_factors = factors[:n], factors[n:]
         x2 = x.reshape(-1, x.shape[-1])
+        mm = gemm.gemm_dtype(dtype, x.device, x2.shape[0])  # fp32 on CPUs without fast bf16 kernels (minilora.gemm)
         keep2 = None if keep is None else keep.reshape(x2.shape)
         h2 = x2 if keep2 is None else x2 * keep2
         a_weight = torch.cat([a.to(dtype) for a in a_factors])  # (sum of ranks, in)

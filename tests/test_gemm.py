@@ -13,16 +13,18 @@ pytest.importorskip("bitsandbytes")
 def test_gemm_dtype_follows_the_cpu(monkeypatch):
     for fast in (True, False):
         monkeypatch.setattr(gemm, "cpu_has_fast_bf16_gemm", lambda fast=fast: fast)
-        assert gemm.gemm_dtype(torch.bfloat16, torch.device("cpu")) == (torch.bfloat16 if fast else torch.float32)
-        assert gemm.gemm_dtype(torch.float32, torch.device("cpu")) == torch.float32
-        assert gemm.gemm_dtype(torch.float16, torch.device("cpu")) == torch.float16
-        assert gemm.gemm_dtype(torch.bfloat16, torch.device("meta")) == torch.bfloat16  # only the CPU's kernels
+        cpu, rows = torch.device("cpu"), gemm.FP32_MIN_ROWS
+        assert gemm.gemm_dtype(torch.bfloat16, cpu, rows) == (torch.bfloat16 if fast else torch.float32)
+        assert gemm.gemm_dtype(torch.bfloat16, cpu, rows - 1) == torch.bfloat16  # decoding: the weight not copied
+        assert gemm.gemm_dtype(torch.float32, cpu, rows) == torch.float32
+        assert gemm.gemm_dtype(torch.float16, cpu, rows) == torch.float16
+        assert gemm.gemm_dtype(torch.bfloat16, torch.device("meta"), rows) == torch.bfloat16  # only the CPU's
 
 
 def test_linear_and_matmul_return_the_input_dtype_and_round_once(monkeypatch):
     monkeypatch.setattr(gemm, "cpu_has_fast_bf16_gemm", lambda: False)
     g = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(*shape, generator=g).bfloat16() for shape in [(5, 32), (16, 32), (16,)])
+    x, w, b = (torch.randn(*shape, generator=g).bfloat16() for shape in [(17, 32), (16, 32), (16,)])
     exact = x.float() @ w.float().t() + b.float()
     y = gemm.linear(x.requires_grad_(), w, b)
     assert y.dtype == torch.bfloat16 and torch.equal(y, exact.bfloat16())
