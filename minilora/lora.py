@@ -3,7 +3,7 @@
 The base may be an `nn.Linear` or a quantized layer (NF4/int8): anything with `in_features`,
 `out_features`, a forward, and either a `weight` (dense) or a `dequantize()` method for merging.
 
-Training speed (what differs from peft, which gives the same results up to rounding and dropout draws):
+Training speed (where minilora and peft differ; peft gives the same results up to rounding and dropout draws):
 - The LoRA matmuls run in the activation dtype (bf16 in a bf16 / QLoRA model, as the QLoRA paper's code
   did); the factors stay fp32 master weights, cast per call, so their gradients and updates are fp32.
 - Dropout masks come from 16 random bits per element (p rounded to a multiple of 1/65536), several times

@@ -4,7 +4,7 @@
 and chat_template.jinja, and returns a `Tokenizer` whose call, encode, decode and apply_chat_template
 follow transformers' API and give the same ids. The Rust `tokenizers` library does the real work; this
 module only sets truncation/padding per call, knows the special tokens and renders chat templates.
-One deliberate difference from transformers: text that already starts with the BOS string (Llama-2 chat
+One deliberate difference with transformers: text that already starts with the BOS string (Llama-2 chat
 data, "<s>[INST] ...") does not get a second BOS.
 """
 from __future__ import annotations
