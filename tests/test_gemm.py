@@ -41,8 +41,17 @@ def test_qlora_step_is_the_same_with_fp32_or_native_bf16_products(tmp_path, monk
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
     ids = torch.randint(3, 96, (2, 16), generator=torch.Generator().manual_seed(1))
     results = []
+    linear_dtypes = []
+    original_linear = torch.nn.functional.linear
+
+    def spy(x, *args, **kwargs):
+        linear_dtypes.append(x.dtype)
+        return original_linear(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
     for fast in (True, False):
         monkeypatch.setattr(gemm, "cpu_has_fast_bf16_gemm", lambda fast=fast: fast)
+        linear_dtypes.clear()
         model = ml.from_pretrained(tmp_path, quantize=quantize, dtype=torch.bfloat16)
         torch.manual_seed(2)  # the same random LoRA factors for both
         ml.apply_lora(model, ml.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
@@ -52,6 +61,8 @@ def test_qlora_step_is_the_same_with_fp32_or_native_bf16_products(tmp_path, monk
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         assert all(g.dtype == torch.float32 for g in grads.values())
         results.append((loss.item(), grads))
+        # every product of the bf16 model (LoRA layers, frozen bases, the head) in bf16, or all of them in fp32
+        assert linear_dtypes and set(linear_dtypes) == {torch.bfloat16 if fast else torch.float32}
     (native_loss, native), (fp32_loss, fp32) = results
     assert abs(native_loss - fp32_loss) < 1e-2 * native_loss
     for name, grad in native.items():
