@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from minilora import load_checks
 from minilora.hub import resolve_model_dir
+from minilora.load_checks import MAX_NUM_LABELS
 from minilora.models import FAMILIES, model_classes
 from minilora.safetensors_io import (Checkpoint, CheckpointError, LazyTensor, SafetensorsFile,  # noqa: F401
                                      _atomic_write, load_safetensors, save_safetensors)
@@ -59,10 +61,11 @@ def from_pretrained(path_or_id: str | os.PathLike, task: str | None = None, num_
     config_class, model_class = model_classes(config_dict, task)
     device = torch.device(device if device is not None else "cpu")
     with Checkpoint(model_dir) as checkpoint:
+        config = _checked_config(config_class, config_dict, checkpoint, model_dir / "config.json")
         dtype = _resolve_dtype(dtype, config_dict, checkpoint)
         qconfig, prequantized = _resolve_quantization(quantize, config_dict, dtype)
         with torch.device("meta"), _no_random_init():
-            model = model_class(config_class.from_dict(config_dict))
+            model = model_class(config)
         _load_weights(model, checkpoint, config_dict, dtype, device, qconfig, prequantized)
     model.init_non_persistent_buffers(device)
     unloaded = [name for name, t in [*model.named_parameters(remove_duplicate=False),
@@ -94,14 +97,30 @@ def _no_random_init():
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _checked_config(config_class: type, config_dict: dict, checkpoint: Checkpoint, source: Path):
+    """The model config, its values and layer count checked against the checkpoint before any layer is built."""
+    load_checks.check_config_dict(config_class, config_dict, source)
+    try:
+        config = config_class.from_dict(config_dict)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    load_checks.check_against_checkpoint(config, checkpoint, source)
+    return config
 
 
 def _set_num_labels(config_dict: dict, num_labels: int) -> None:
-    if not isinstance(num_labels, int) or num_labels < 1:
-        raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or not 1 <= num_labels <= MAX_NUM_LABELS:
+        raise ValueError(f"num_labels must be an int in [1, {MAX_NUM_LABELS}], got {num_labels!r}")
     config_dict["num_labels"] = num_labels
     if len(config_dict.get("id2label") or {}) != num_labels:  # HF names fresh labels LABEL_0, LABEL_1, ...
         config_dict["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
@@ -189,6 +208,7 @@ def _load_weights(model: nn.Module, checkpoint: Checkpoint, config_dict: dict, d
     missing = [k for k in state if k not in mapping and k not in tied and not k.startswith(packed)]
     new_head = [k for k in missing if model.new_head_prefixes and k.startswith(tuple(model.new_head_prefixes))]
     _check_keys(model, checkpoint, state, mapping, [k for k in missing if k not in new_head], unexpected, packed)
+    load_checks.check_dtypes(state, mapping, checkpoint, packed)
     where = checkpoint.files[0].path.parent
     if dropped:
         warnings.warn(f"{where}: ignored tensors of a head {type(model).__name__} does not have: {_names(dropped)}",

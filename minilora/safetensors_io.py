@@ -84,6 +84,7 @@ class SafetensorsFile:
             if end > data_len:
                 raise corrupt(f"tensor {key!r} ends at data byte {end} but the file only holds {data_len} "
                               "data bytes (an interrupted download or copy?)")
+        _check_tiling(header, data_len, corrupt)
         self.entries: dict[str, dict] = header
 
     def _read_exact(self, n: int) -> bytes:
@@ -160,6 +161,22 @@ class SafetensorsFile:
         self.close()
 
 
+def _check_tiling(header: dict[str, dict], data_len: int, corrupt) -> None:
+    """The tensors' byte ranges must tile the data exactly, as safetensors requires: overlapping ranges would
+    alias one tensor's bytes into another, and gaps or trailing bytes mean the header does not describe the
+    file."""
+    position, previous = 0, None
+    for key, info in sorted(header.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        begin, end = info["data_offsets"]
+        if begin != position:
+            what = "overlaps" if begin < position else f"leaves a gap of {begin - position} bytes after"
+            raise corrupt(f"tensor {key!r} (data_offsets {[begin, end]}) {what} "
+                          f"{'the start of the data' if previous is None else repr(previous)}")
+        position, previous = end, key
+    if position != data_len:
+        raise corrupt(f"the tensors cover {position} data bytes but the file holds {data_len}")
+
+
 class LazyTensor:
     """A tensor of an open SafetensorsFile, not read yet: `.shape`, `.dtype`, and `t[a:b]` reads rows a to b."""
 
@@ -202,10 +219,17 @@ class Checkpoint:
 
     def _open_shards(self, index: Path) -> None:
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index} is not a valid index: expected JSON with a 'weight_map' object") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names, got "
+                                  f"{str(weight_map)[:200]}")
         names = sorted(set(weight_map.values()))
+        outside = [n for n in names if Path(n).is_absolute() or ".." in Path(n).parts or not n.strip()]
+        if outside:
+            raise CheckpointError(f"{index}: 'weight_map' names shard files outside {index.parent}: "
+                                  f"{', '.join(map(repr, outside))} (expected file names inside the model folder)")
         missing = [n for n in names if not (index.parent / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} lists shard file(s) missing from {index.parent}: {', '.join(missing)}")

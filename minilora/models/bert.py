@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilora.checkpointing import run_block
+from minilora.models.inputs import checked_token_ids
 from minilora.models.outputs import ModelOutput
 
 ACTIVATIONS = {
@@ -116,6 +117,7 @@ class BertEmbeddings(nn.Module):
             position_ids = torch.arange(seq_len, device=input_ids.device)[None]
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
+        input_ids = checked_token_ids(input_ids, self.word_embeddings)
         x = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
              + self.position_embeddings(position_ids))
         return self.dropout(self.LayerNorm(x))

@@ -22,6 +22,7 @@ from torch import nn
 
 from minilora import gemm
 from minilora.checkpointing import run_block
+from minilora.models.inputs import checked_token_ids
 from minilora.models.outputs import ModelOutput
 
 ACTIVATIONS = {
@@ -306,6 +307,7 @@ class T5Stack(nn.Module):
                              f"{len(self.block)} blocks")
         batch, query_len = input_ids.shape
         past_len = past_key_values[0][0].shape[2] if past_key_values else 0
+        input_ids = checked_token_ids(input_ids, self.embed_tokens)
         x = self.dropout(self.embed_tokens(input_ids))
         self_bias = self.self_attention_bias(attention_mask, batch, query_len, past_len)
         cross_bias = padding_mask_to_bias(encoder_attention_mask, x.dtype) if self.is_decoder else None

@@ -1,0 +1,80 @@
+"""Checks of a checkpoint folder before a model is built from it or a tensor is read: config.json values have
+their field's type and a sane size, agree with the checkpoint's layer count, and every stored tensor has a
+dtype its parameter can take. A bad file fails naming the file, field or tensor, never deep inside torch
+(or after building a million layers)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from minilora.checks import type_errors
+from minilora.safetensors_io import Checkpoint, CheckpointError
+
+MAX_NUM_LABELS = 100_000  # far above any real classification head; a typo'd 10**9 would build a 10**9-row head
+
+# Integer config fields that count or size something: they must be >= 1.
+_SIZE_FIELD = re.compile(r"^num_|_size$|^d_(model|kv|ff)$|^head_dim$|_embeddings$|_buckets$|_distance$")
+
+# Widths every checkpoint of the model stores a tensor dimension at least as large as.
+WIDTH_FIELDS = ("hidden_size", "intermediate_size", "head_dim", "d_model", "d_kv", "d_ff")
+
+# Layer-count fields and the checkpoint keys that hold one layer each (the captured group is the index).
+LAYER_KEYS = {
+    "num_hidden_layers": re.compile(r"(?:^|\.)layers?\.(\d+)\."),
+    "num_layers": re.compile(r"(?:^|\.)encoder\.block\.(\d+)\."),
+    "num_decoder_layers": re.compile(r"(?:^|\.)decoder\.block\.(\d+)\."),
+}
+
+
+def check_config_dict(config_class: type, config: dict, source: Path) -> None:
+    """config.json's values against `config_class`'s fields: types, then sizes (before the config is built)."""
+    problems = type_errors(config_class, config)
+    for name in ("id2label", "label2id"):
+        if config.get(name) is not None and not isinstance(config[name], dict):
+            problems.append(f"{name}: expected a JSON object, got {type(config[name]).__name__}")
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+    fields = getattr(config_class, "__dataclass_fields__", {})
+    for name, value in config.items():
+        if name in fields and _SIZE_FIELD.search(name) and isinstance(value, int) and value < 1:
+            raise CheckpointError(f"{source}: {name} must be >= 1, got {value}")
+    num_labels = config.get("num_labels")
+    if isinstance(num_labels, int) and num_labels > MAX_NUM_LABELS:
+        raise CheckpointError(f"{source}: num_labels={num_labels} is more than {MAX_NUM_LABELS}")
+
+
+def check_against_checkpoint(config, checkpoint: Checkpoint, source: Path) -> None:
+    """Before the model is built: the config's layer counts must equal the number of layers the checkpoint
+    holds (a wrong count would build every layer first), and no width may exceed every stored tensor's
+    dimensions (a huge head_dim would compute a huge RoPE table first)."""
+    keys = checkpoint.keys()
+    largest = max((max(checkpoint.shape(k), default=1) for k in keys), default=1)
+    for name in WIDTH_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > largest:
+            raise CheckpointError(f"{source}: {name} is {value} but no tensor in {source.parent} has a "
+                                  f"dimension that large (the largest is {largest})")
+    for name, pattern in LAYER_KEYS.items():
+        value = getattr(config, name, None)
+        if not isinstance(value, int):
+            continue
+        indices = {int(m[1]) for m in map(pattern.search, keys) if m}
+        if indices and len(indices) != value:
+            raise CheckpointError(f"{source}: {name} is {value} but the checkpoint in {source.parent} holds "
+                                  f"{len(indices)} layers (indices {min(indices)}..{max(indices)})")
+
+
+def check_dtypes(state: dict[str, torch.Tensor], mapping: dict[str, str], checkpoint: Checkpoint,
+                 skip: tuple[str, ...] = ()) -> None:
+    """A floating-point parameter takes only a floating-point tensor: a bool or integer one would load as 0/1 or
+    as integers (a bool norm weight gives all-zero logits). Packed quantized layers (`skip`) have their own."""
+    wrong = [f"{key} is {checkpoint.where[ckey].dtype(ckey)} in {checkpoint.where[ckey].path.name}"
+             for key, ckey in mapping.items()
+             if key in state and not key.startswith(skip) and state[key].is_floating_point()
+             and not checkpoint.where[ckey].dtype(ckey).is_floating_point]
+    if wrong:
+        raise CheckpointError(f"{checkpoint.files[0].path.parent}: floating-point weights stored as bool or integer "
+                              f"tensors: {'; '.join(wrong[:8])}" + (f" (and {len(wrong) - 8} more)" if len(wrong) > 8
+                                                                     else ""))
