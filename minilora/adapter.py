@@ -177,6 +177,11 @@ def load_adapter(model: nn.Module, path_or_id: str | os.PathLike, revision: str 
     missing = sorted(k for k in expected if ".lora_" in k and k not in tensors)
     if missing:
         raise ValueError(f"{source} is missing LoRA tensors: {missing[:8]}")
+    saved = tuple(p + "." for p in _modules_to_save(model, config))
+    missing = sorted(k for k in expected if k.startswith(saved) and k not in tensors)
+    if missing:
+        raise ValueError(f"{source} is missing tensors of modules_to_save={config.modules_to_save}: {missing[:8]} "
+                         "(without them those modules would keep the base model's weights)")
     for key, t in tensors.items():
         if tuple(t.shape) != expected[key]:
             raise ValueError(f"{source}: tensor {key} has shape {tuple(t.shape)} but the model expects "

@@ -1,8 +1,10 @@
 """LoraConfig: peft's field names and meanings, validated up front."""
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import FrozenInstanceError, asdict, dataclass, field, fields
 from typing import Any
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -46,29 +48,52 @@ class LoraConfig:
         self.validate()
 
     def validate(self) -> None:
+        def fail(name: str, expected: str) -> ValueError:
+            return ValueError(f"LoraConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+
+        def is_number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha) \
-                or self.lora_alpha <= 0:
-            raise ValueError(f"LoraConfig.lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+            raise fail("r", "a positive integer")
+        if not is_number(self.lora_alpha) or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            raise fail("lora_alpha", "a positive number")
+        if not is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+            raise fail("lora_dropout", "a number in [0, 1)")
+        if not isinstance(self.use_rslora, bool):
+            raise fail("use_rslora", "True or False (a JSON boolean, not a string)")
         if self.bias not in BIAS_MODES:
-            raise ValueError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
+            raise fail("bias", f"one of {BIAS_MODES}")
         if self.init_lora_weights not in INIT_MODES or isinstance(self.init_lora_weights, int) and \
                 not isinstance(self.init_lora_weights, bool):
-            raise ValueError(f"LoraConfig.init_lora_weights must be True, False or 'gaussian', "
-                             f"got {self.init_lora_weights!r}")
+            raise fail("init_lora_weights", "True, False or 'gaussian'")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
-            if value is None or isinstance(value, str):
-                continue
-            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-                raise ValueError(f"LoraConfig.{name} must be a non-empty list of module names or a regex "
-                                 f"string, got {value!r}")
-        if self.modules_to_save is not None and not all(isinstance(m, str) and m for m in self.modules_to_save):
-            raise ValueError(f"LoraConfig.modules_to_save must be a list of module names, "
-                             f"got {self.modules_to_save!r}")
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    raise ValueError(f"LoraConfig.{name}: {value!r} is not a valid regular expression ({e})") from None
+            elif value is not None and (not isinstance(value, list) or not value
+                                        or not all(isinstance(v, str) and v for v in value)):
+                raise fail(name, "a non-empty list of module names or a regex string")
+        if self.modules_to_save is not None and (not isinstance(self.modules_to_save, list)
+                                                 or not all(isinstance(m, str) and m for m in self.modules_to_save)):
+            raise fail("modules_to_save", "None or a list of module names")
+
+    def frozen_copy(self) -> LoraConfig:
+        """A copy whose fields cannot change: the config a model's LoRA layers were built with (`apply_lora`
+        keeps one as `model.lora_config`), so `save_adapter` always writes what the layers hold."""
+        frozen = copy.deepcopy(self)
+        object.__setattr__(frozen, "_frozen", True)
+        return frozen
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen"):
+            raise FrozenInstanceError(f"cannot set LoraConfig.{name}: this config describes LoRA layers already "
+                                      "built (model.lora_config); changing it would not change them. Build a new "
+                                      f"config (dataclasses.replace(config, {name}=...)) and apply it to a fresh model")
+        super().__setattr__(name, value)
 
     @property
     def scaling(self) -> float:
@@ -103,5 +128,5 @@ class LoraConfig:
         extra = {k: d[k] for k in ("task_type", "base_model_name_or_path", "revision") if k in d}
         try:
             return cls(**kwargs, extra=extra)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{source}: {e}") from None

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minilora.checks import check_number
+
 NEG_INF = -1.0e9  # HF's "impossible" beam score; kept identical so ties break the same way
 
 
@@ -86,6 +88,7 @@ def generate(
     """
     _check_args(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,
                 early_stopping)
+    check_number(length_penalty, "length_penalty")
     if eos_token_id is None:
         eos_token_id = getattr(model.config, "eos_token_id", None)
     eos = _as_id_tensor(eos_token_id, input_ids.device)
@@ -235,6 +238,9 @@ def _check_args(input_ids, attention_mask, max_new_tokens, do_sample, temperatur
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise ValueError("input_ids must be a (batch, seq) LongTensor, got "
                          f"{getattr(input_ids, 'dtype', type(input_ids))} of shape {getattr(input_ids, 'shape', '')}")
+    if not input_ids.numel():
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): every prompt needs at least one "
+                         "token (e.g. the tokenizer's BOS token)")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
                          f"{tuple(input_ids.shape)}")
@@ -244,11 +250,9 @@ def _check_args(input_ids, attention_mask, max_new_tokens, do_sample, temperatur
         raise ValueError(f"num_beams must be a positive int, got {num_beams!r}")
     if do_sample and num_beams > 1:
         raise ValueError("do_sample with num_beams > 1 (beam sampling) is not supported")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_number(temperature, "temperature", low=0, low_open=True)
     if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
         raise ValueError(f"top_k must be a non-negative int or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_number(top_p, "top_p", low=0, high=1, low_open=True, or_none=True)
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")

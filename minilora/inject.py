@@ -57,7 +57,12 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         found = [p for p, m in model.named_modules() if p and name_matches(p, targets)]
     if config.exclude_modules:
         found = [p for p in found if not name_matches(p, config.exclude_modules)]
-    found = [p for p in found if not any(p == s or p.startswith(s + ".") for s in saved)]
+    also_saved = [p for p in found if any(p == s or p.startswith(s + ".") for s in saved)]
+    found = [p for p in found if p not in also_saved]
+    if not found and also_saved:
+        raise ValueError(f"target_modules={targets!r} matched only modules that modules_to_save="
+                         f"{config.modules_to_save!r} also names ({', '.join(also_saved[:8])}): a module is either "
+                         "LoRA-wrapped or trained in full; take it out of one of the two")
     if not found:
         examples = [p for p, m in model.named_modules() if is_linear(m)][:8]
         raise ValueError(f"target_modules={targets!r} matched no module of {type(model).__name__}; "
@@ -122,7 +127,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         for p in model.get_submodule(path).parameters():
             if p.is_floating_point():
                 p.requires_grad_(True)
-    model.lora_config = config
+    model.lora_config = config.frozen_copy()
     return model
 
 

@@ -15,7 +15,7 @@ from minilora.safetensors_io import Checkpoint, CheckpointError
 MAX_NUM_LABELS = 100_000  # far above any real classification head; a typo'd 10**9 would build a 10**9-row head
 
 # Integer config fields that count or size something: they must be >= 1.
-_SIZE_FIELD = re.compile(r"^num_|_size$|^d_(model|kv|ff)$|^head_dim$|_embeddings$|_buckets$|_distance$")
+_SIZE_FIELD = re.compile(r"^num_|_size$|^d_(model|kv|ff)$|^head_dim$|^max_position_embeddings$|_buckets$|_distance$")
 
 # Widths every checkpoint of the model stores a tensor dimension at least as large as.
 WIDTH_FIELDS = ("hidden_size", "intermediate_size", "head_dim", "d_model", "d_kv", "d_ff")
@@ -38,7 +38,7 @@ def check_config_dict(config_class: type, config: dict, source: Path) -> None:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
     fields = getattr(config_class, "__dataclass_fields__", {})
     for name, value in config.items():
-        if name in fields and _SIZE_FIELD.search(name) and isinstance(value, int) and value < 1:
+        if name in fields and _SIZE_FIELD.search(name) and type(value) is int and value < 1:
             raise CheckpointError(f"{source}: {name} must be >= 1, got {value}")
     num_labels = config.get("num_labels")
     if isinstance(num_labels, int) and num_labels > MAX_NUM_LABELS:

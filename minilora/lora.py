@@ -239,6 +239,20 @@ def dense_linear(base: nn.Module, delta: torch.Tensor | None = None) -> nn.Linea
     return linear.requires_grad_(False)
 
 
+class _MergedGuard(torch.autograd.Function):
+    """Identity on a merged layer's output that ties it to the (unused) LoRA factor, so a backward pass through
+    a merged model says so instead of autograd's "does not require grad"."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, lora_weight: torch.Tensor) -> torch.Tensor:
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError("backward through a merged LoRA layer: its LoRA factors are folded into the base weight "
+                           "and get no gradient. Call ml.unmerge_lora(model) before training")
+
+
 class LoraLinear(nn.Module):
     """A base linear layer plus a trainable low-rank update.
 
@@ -280,7 +294,9 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return gemm.apply_linear(self.base_layer, x)
+            out = gemm.apply_linear(self.base_layer, x)
+            trainable = torch.is_grad_enabled() and self.lora_A.weight.requires_grad
+            return _MergedGuard.apply(out, self.lora_A.weight) if trainable else out
         keep, scaling = self._dropout_mask(x)
         if _runs_inside(self.base_layer, x):
             return _LoraLinearFn.apply(x, keep, (self.base_layer,), (scaling,), self.lora_A.weight,

@@ -10,11 +10,14 @@ A checkpoint folder holds:
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import random
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,11 +25,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapter import adapter_state_dict, load_adapter, save_adapter
 from .inject import lora_layers
+from .safetensors_io import CheckpointError, SafetensorsFile
 
 if TYPE_CHECKING:
     from .train import TrainConfig
@@ -45,6 +50,7 @@ class TrainState:
     tokens_seen: int = 0
     samples_seen: int = 0
     num_examples: int = 0  # the permutation depends on it: resuming needs the same data
+    data_fingerprint: str = ""  # `data_fingerprint(train_data)`: resuming on other data warns
 
 
 def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, config: TrainConfig,
@@ -52,8 +58,10 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: T
     """Write output_dir/checkpoint-{step} atomically (build a temp folder, then rename); rank 0 only.
 
     Every rank must call it (RNG states are gathered). Older checkpoints beyond save_total_limit are
-    removed. Returns the folder on rank 0.
+    removed. Returns the folder on rank 0. Refuses (FloatingPointError) to save non-finite weights, so
+    every checkpoint on disk is one to go back to.
     """
+    _check_finite(model, Path(config.output_dir), state.global_step)
     rng_states = [rng_state()]
     if world > 1:
         rng_states = [None] * world
@@ -84,6 +92,39 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: T
     return final
 
 
+def _check_finite(model: nn.Module, out_dir: Path, step: int) -> None:
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        good = [p.name for p in list_checkpoints(out_dir)] if out_dir.is_dir() else []
+        raise FloatingPointError(f"not saving checkpoint-{step} in {out_dir}: trainable parameters hold NaN or inf "
+                                 f"({', '.join(bad[:8])}). Last good checkpoint: {good[-1] if good else 'none'}. "
+                                 "Try a lower learning_rate, warmup or max_grad_norm")
+
+
+def remove_unfinished_checkpoints(out_dir: Path) -> None:
+    """Delete the `checkpoint-N.tmp-*` folders of saves that were killed half-way (call it holding the lock)."""
+    for tmp in out_dir.glob("checkpoint-*.tmp-*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def data_fingerprint(data) -> str:
+    """A hash of the training examples (up to 1024 of them, evenly spaced, plus the count): resuming on other
+    data with the same number of examples is then noticed, at a bounded cost for large data sets."""
+    n = len(data)
+    row = functools.partial(list.__getitem__, data) if isinstance(data, list) else data.__getitem__  # as stored
+    digest = hashlib.sha256(str(n).encode())
+    for i in sorted({i * n // min(n, 1024) for i in range(min(n, 1024))}):
+        digest.update(json.dumps(row(i), sort_keys=True, default=_jsonable).encode())
+    return digest.hexdigest()[:16]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.tolist()
+    return repr(value)
+
+
 def list_checkpoints(out_dir: Path) -> list[Path]:
     """checkpoint-N folders (never unfinished .tmp ones), oldest first."""
     found = [p for p in out_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
@@ -91,20 +132,54 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 
 
 def find_checkpoint(resume_from: str, out_dir: Path) -> Path:
+    """The checkpoint to resume from. With "latest", a newest checkpoint that is damaged (a file missing,
+    truncated or not parsing) is skipped with a warning for the newest intact one."""
     if resume_from == "latest":
         found = list_checkpoints(out_dir) if out_dir.is_dir() else []
         if not found:
             raise FileNotFoundError(f"resume_from='latest' but {out_dir} has no checkpoint-N folders")
-        return found[-1]
+        for i, folder in enumerate(reversed(found)):
+            if checkpoint_problem(folder) is None:
+                if i:
+                    warnings.warn(f"resume_from='latest': {checkpoint_problem(found[-1])}; resuming from the newest "
+                                  f"intact checkpoint, {folder}", stacklevel=3)
+                return folder
+        raise CheckpointError(f"resume_from='latest': no checkpoint in {out_dir} is intact; the newest: "
+                              f"{checkpoint_problem(found[-1])}")
     path = Path(resume_from)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(f"resume_from={resume_from!r}: not a checkpoint folder (no trainer_state.json)")
+    problem = checkpoint_problem(path)
+    if problem:
+        step = path.name.rpartition("-")[2]
+        older = [p for p in list_checkpoints(path.parent) if step.isdigit() and int(p.name.split("-", 1)[1]) < int(step)
+                 and checkpoint_problem(p) is None]
+        raise CheckpointError(f"resume_from={resume_from!r}: {problem}; "
+                              + (f"{older[-1]} is intact" if older else "no older intact checkpoint beside it"))
     return path
 
 
-def load_trainer_state(checkpoint: Path, config: TrainConfig, world: int, n_examples: int) -> TrainState:
-    saved = json.loads((checkpoint / "trainer_state.json").read_text())
-    saved_config = json.loads((checkpoint / "train_config.json").read_text())
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder (a file missing, truncated or unreadable), or None."""
+    for name in ("trainer_state.json", "train_config.json", "optimizer.json", "optimizer.safetensors",
+                 "rng_state_0.json", "rng_state_0.safetensors"):
+        if not (folder / name).is_file():
+            return f"{folder / name} is missing"
+    for file in sorted(folder.iterdir()):
+        try:
+            if file.suffix == ".json":
+                json.loads(file.read_text(encoding="utf-8"))
+            elif file.suffix == ".safetensors":
+                SafetensorsFile(file).close()
+        except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError and CheckpointError included
+            return f"{file} is damaged ({e})"
+    return None
+
+
+def load_trainer_state(checkpoint: Path, config: TrainConfig, world: int, n_examples: int,
+                       fingerprint: str = "") -> TrainState:
+    saved = _read_json(checkpoint / "trainer_state.json")
+    saved_config = _read_json(checkpoint / "train_config.json")
     changed = [f"{k}: {saved_config.get(k)} -> {getattr(config, k)}" for k in DATA_ORDER_KEYS
                if saved_config.get(k) != getattr(config, k)]
     if saved.get("world_size") != world:
@@ -113,7 +188,19 @@ def load_trainer_state(checkpoint: Path, config: TrainConfig, world: int, n_exam
         changed.append(f"number of training examples: {saved.get('num_examples')} -> {n_examples}")
     if changed:
         raise ValueError(f"cannot resume exactly from {checkpoint}: the data order would change ({'; '.join(changed)})")
-    return TrainState(**{k: saved[k] for k in asdict(TrainState())})
+    if fingerprint and saved.get("data_fingerprint") not in (None, "", fingerprint):
+        warnings.warn(f"resuming from {checkpoint} on different training data (same number of examples, other "
+                      "content): the rest of the run will not match an uninterrupted one", stacklevel=3)
+    state = TrainState(**{k: saved[k] for k in asdict(TrainState()) if k != "data_fingerprint"})
+    state.data_fingerprint = fingerprint
+    return state
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path} cannot be read: {e}") from None
 
 
 def save_trainable_weights(model: nn.Module, folder: Path) -> None:
@@ -187,7 +274,10 @@ def write_tree(tree: Any, base: Path) -> None:
 
 
 def read_tree(base: Path) -> Any:
-    tensors = load_file(f"{base}.safetensors")
+    try:
+        tensors = load_file(f"{base}.safetensors")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{base}.safetensors cannot be read: {e}") from None
 
     def decode(obj: Any) -> Any:
         if isinstance(obj, list):
@@ -202,4 +292,4 @@ def read_tree(base: Path) -> Any:
             return tuple(decode(v) for v in obj["__tuple__"])
         return {k: decode(v) for k, v in obj.items()}
 
-    return decode(json.loads(Path(f"{base}.json").read_text()))
+    return decode(_read_json(Path(f"{base}.json")))

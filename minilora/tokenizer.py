@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .chat_template import render_builtin_chat, render_chat  # noqa: F401  (re-exported)
+from .checks import check_number
 
 if TYPE_CHECKING:
     import tokenizers
@@ -206,6 +207,8 @@ class Tokenizer:
         the previous one by `stride` tokens; "overflow_to_sample_mapping" gives each row's input index.
         return_tensors: None for python lists, "pt" for torch tensors (always batched).
         """
+        check_number(max_length, "max_length", low=1, integer=True, or_none=True)
+        check_number(stride, "stride", low=0, integer=True)
         batched = not isinstance(text, str)
         texts, pairs = _check_texts(text, text_pair, batched)
         if truncation is None:

@@ -7,6 +7,8 @@ Checkpoints (what they hold, how they are written) live in minilora/resume.py.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import os
@@ -24,10 +26,12 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpointing import enable_gradient_checkpointing
+from .checks import check_fields, check_number
 from .data.collate import Collator
+from .output_lock import output_dir_lock
 from .plot import plot_metrics
-from .resume import (TrainState, find_checkpoint, load_trainable_weights, load_trainer_state, read_tree,
-                     save_checkpoint, set_rng_state)
+from .resume import (TrainState, data_fingerprint, find_checkpoint, load_trainable_weights, load_trainer_state,
+                     read_tree, remove_unfinished_checkpoints, save_checkpoint, set_rng_state)
 
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -67,19 +71,7 @@ class TrainConfig:
     ddp_find_unused_parameters: bool = False
 
     def __post_init__(self):
-        if self.optim not in OPTIMIZERS:
-            raise ValueError(f"TrainConfig.optim must be one of {OPTIMIZERS}, got {self.optim!r}")
-        if self.lr_scheduler not in SCHEDULES:
-            raise ValueError(f"TrainConfig.lr_scheduler must be one of {SCHEDULES}, got {self.lr_scheduler!r}")
-        for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_steps", "save_steps", "save_total_limit", "eval_batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be None or >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.warmup_ratio < 1.0 or self.warmup_steps < 0:
-            raise ValueError(f"TrainConfig: warmup_steps must be >= 0 and warmup_ratio in [0, 1), got "
-                             f"{self.warmup_steps} and {self.warmup_ratio}")
+        validate_train_config(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -87,6 +79,39 @@ class TrainConfig:
         if unknown:
             raise KeyError(f"TrainConfig has no fields {sorted(unknown)}")
         return cls(**d)
+
+
+def validate_train_config(config: TrainConfig) -> None:
+    """Every field's type and range, so a bad value fails here and not deep inside torch after output_dir was
+    written. Paths are kept as strings (train_config.json is JSON)."""
+    for name in ("output_dir", "resume_from"):
+        if isinstance(getattr(config, name), os.PathLike):
+            setattr(config, name, os.fspath(getattr(config, name)))
+    if isinstance(config.device, torch.device):
+        config.device = str(config.device)
+    check_fields(config, "TrainConfig")
+    if config.optim not in OPTIMIZERS:
+        raise ValueError(f"TrainConfig.optim must be one of {OPTIMIZERS}, got {config.optim!r}")
+    if config.lr_scheduler not in SCHEDULES:
+        raise ValueError(f"TrainConfig.lr_scheduler must be one of {SCHEDULES}, got {config.lr_scheduler!r}")
+    for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "logging_steps"):
+        check_number(getattr(config, name), f"TrainConfig.{name}", low=1, integer=True)
+    for name in ("eval_steps", "save_steps", "save_total_limit", "eval_batch_size"):
+        check_number(getattr(config, name), f"TrainConfig.{name}", low=1, integer=True, or_none=True)
+    check_number(config.learning_rate, "TrainConfig.learning_rate", low=0, low_open=True)
+    check_number(config.weight_decay, "TrainConfig.weight_decay", low=0)
+    for name in ("adam_beta1", "adam_beta2"):
+        check_number(getattr(config, name), f"TrainConfig.{name}", low=0, high=1, high_open=True)
+    check_number(config.adam_epsilon, "TrainConfig.adam_epsilon", low=0)
+    check_number(config.warmup_steps, "TrainConfig.warmup_steps", low=0, integer=True)
+    check_number(config.warmup_ratio, "TrainConfig.warmup_ratio", low=0, high=1, high_open=True)
+    check_number(config.max_grad_norm, "TrainConfig.max_grad_norm", low=0, or_none=True)
+    check_number(config.seed, "TrainConfig.seed", low=0, high=2**32 - 1, integer=True)  # numpy's seed range
+    if config.device is not None:
+        try:
+            torch.device(config.device)
+        except RuntimeError as e:
+            raise ValueError(f"TrainConfig.device: {config.device!r} is not a torch device ({e})") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -129,6 +154,25 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     return cls(groups, **kwargs)
 
 
+def _holding_output_dir(train_fn: Callable) -> Callable:
+    """Run `train_fn` holding config.output_dir's lock (rank 0; the other ranks write nothing), after removing
+    checkpoint folders a killed save left half-written."""
+    @functools.wraps(train_fn)
+    def wrapper(*args, **kwargs):
+        bound = inspect.signature(train_fn).bind(*args, **kwargs)
+        config = bound.arguments.get("config") or TrainConfig()
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"train: config must be a minilora.TrainConfig, got {type(config).__name__}")
+        if int(os.environ.get("RANK", "0")) != 0:
+            return train_fn(*args, **kwargs)
+        out_dir = Path(config.output_dir)
+        with output_dir_lock(out_dir):
+            remove_unfinished_checkpoints(out_dir)
+            return train_fn(*args, **kwargs)
+    return wrapper
+
+
+@_holding_output_dir
 def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig | None = None,
           eval_data: Sequence[dict] | None = None, *, collate_fn: Callable | None = None,
           compute_metrics: Callable | None = None, resume_from: str | None = None) -> dict[str, Any]:
@@ -159,10 +203,10 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig | No
         enable_gradient_checkpointing(model)
     model.to(device)
 
-    state, checkpoint = TrainState(num_examples=len(train_data)), None
+    state, checkpoint = TrainState(num_examples=len(train_data), data_fingerprint=data_fingerprint(train_data)), None
     if resume_from:
         checkpoint = find_checkpoint(resume_from, out_dir)
-        state = load_trainer_state(checkpoint, config, world, len(train_data))
+        state = load_trainer_state(checkpoint, config, world, len(train_data), state.data_fingerprint)
         load_trainable_weights(model, checkpoint)
     ddp_model = model
     if world > 1:
@@ -403,8 +447,26 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 def _trim_metrics(path: Path, keep_up_to: int) -> None:
     """Start metrics.jsonl afresh, keeping (on resume) the records up to the resumed step."""
-    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() and keep_up_to else []
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= keep_up_to]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() and keep_up_to else []
+    kept = [line for line in lines[:-1] + _whole_last_line(lines[-1:])
+            if line.strip() and _metrics_record(path, lines, line).get("step", 0) <= keep_up_to]
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
+def _whole_last_line(last: list[str]) -> list[str]:
+    """The last line of metrics.jsonl unless a kill tore it mid-write (then it is dropped, and rewritten)."""
+    try:
+        return [line for line in last if json.loads(line) is not None]
+    except json.JSONDecodeError:
+        return []
+
+
+def _metrics_record(path: Path, lines: list[str], line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lines.index(line) + 1}: not a JSON metrics record ({e}); a torn last "
+                         "line is tolerated, a corrupt earlier one is not") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}:{lines.index(line) + 1}: expected a JSON object, got {line[:80]!r}")
+    return record

@@ -9,6 +9,7 @@ import pytest
 import torch
 from train_helpers import VOCAB_SIZE, tiny_llama
 
+import minilora as ml
 from minilora.loading import from_pretrained, save_pretrained
 from minilora.safetensors_io import CheckpointError, load_safetensors, save_safetensors
 
@@ -136,3 +137,84 @@ def test_vocab_ids_out_of_range_at_the_model_input():
         ids = torch.tensor([[1, 2, bad]])
         with pytest.raises(ValueError, match=rf"input_ids holds token id {bad} .*{VOCAB_SIZE}"):
             model(ids)
+
+
+# --- LoRA configs and adapters -------------------------------------------------------------------------------
+
+def state_of(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(use_rslora="false"), "use_rslora"), (dict(use_rslora="no"), "use_rslora"),
+    (dict(lora_alpha=True), "lora_alpha"), (dict(lora_dropout=True), "lora_dropout"), (dict(r=True), "r"),
+    (dict(target_modules="q_proj("), "target_modules"), (dict(exclude_modules="[v"), "exclude_modules"),
+    (dict(modules_to_save=5), "modules_to_save"), (dict(modules_to_save=[3]), "modules_to_save"),
+])
+def test_lora_config_refuses_wrong_types_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=rf"LoraConfig\.{field}\b") as info:
+        ml.LoraConfig(**kwargs)
+    assert repr(next(iter(kwargs.values()))) in str(info.value)
+
+
+@pytest.mark.parametrize("field, value", [("use_rslora", "false"), ("lora_alpha", True)])
+def test_adapter_config_with_a_string_bool_or_bool_number_is_refused(tmp_path, field, value):
+    model = ml.apply_lora(tiny_llama(), ml.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    folder = ml.save_adapter(model, tmp_path / "adapter")
+    config_file = folder / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), field: value}))
+    fresh = tiny_llama()
+    before = state_of(fresh)
+    fails_unchanged(folder, ValueError, str(config_file), field, call=lambda: ml.load_adapter(fresh, folder))
+    assert_same_state(fresh, before)
+
+
+def test_modules_to_save_equal_to_the_target_says_so():
+    model = tiny_llama()
+    before = state_of(model)
+    config = ml.LoraConfig(target_modules=["lm_head"], modules_to_save=["lm_head"])
+    with pytest.raises(ValueError, match=r"modules_to_save=\['lm_head'\] also names \(lm_head\)"):
+        ml.apply_lora(model, config)
+    assert_same_state(model, before)
+
+
+def test_config_is_frozen_after_apply_lora_and_the_saved_values_are_the_layers(tmp_path):
+    from dataclasses import FrozenInstanceError, replace
+    config = ml.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
+    model = ml.apply_lora(tiny_llama(), config)
+    with pytest.raises(FrozenInstanceError, match="LoraConfig.lora_alpha"):
+        model.lora_config.lora_alpha = 32
+    config.lora_alpha = 32  # the caller's own object stays theirs, and does not reach the layers' config
+    saved = json.loads((ml.save_adapter(model, tmp_path / "a") / "adapter_config.json").read_text())
+    assert saved["lora_alpha"] == 8 and saved["r"] == 4
+    assert replace(model.lora_config, r=2).r == 2  # a new config from a frozen one is an ordinary config
+
+
+def test_adapter_missing_its_modules_to_save_tensors_is_refused(tmp_path):
+    config = ml.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    folder = ml.save_adapter(ml.apply_lora(tiny_llama(), config), tmp_path / "adapter")
+    weights = folder / "adapter_model.safetensors"
+    save_safetensors({k: v for k, v in load_safetensors(weights).items() if "lm_head" not in k}, weights)
+    fresh = tiny_llama(seed=1)
+    before = state_of(fresh)
+    fails_unchanged(folder, ValueError, str(weights), "modules_to_save", "lm_head.weight",
+                    call=lambda: ml.load_adapter(fresh, folder))
+    assert_same_state(fresh, before)
+    assert not any("lora_" in n for n, _ in fresh.named_parameters())
+
+
+def test_backward_through_a_merged_model_says_it_is_merged():
+    model = ml.apply_lora(tiny_llama(), ml.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    ml.merge_lora(model)
+    ids = torch.tensor([[4, 5, 6, 7]])
+    loss = model(ids, labels=ids).loss
+    with pytest.raises(RuntimeError, match=r"merged LoRA layer.*unmerge_lora"):
+        loss.backward()
+    ml.unmerge_lora(model)
+    model(ids, labels=ids).loss.backward()  # unmerged, it trains again
+    assert model.model.layers[0].self_attn.q_proj.lora_B.weight.grad is not None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..checks import check_number
 from .collate import Features
 from .readers import get_text, require_rows, source_of
 
@@ -26,8 +27,7 @@ def causal_lm_dataset(records: Sequence[dict], tokenizer, *, max_length: int = 5
     require_rows(records, "causal_lm_dataset")
     if (prompt_column is None) != (response_column is None):
         raise ValueError("causal_lm_dataset: give both prompt_column and response_column, or neither")
-    if max_length < 1:
-        raise ValueError(f"causal_lm_dataset: max_length must be >= 1, got {max_length}")
+    check_number(max_length, "causal_lm_dataset: max_length", low=1, integer=True)
 
     if prompt_column is not None:
         prompts = [get_text(row, prompt_column, records, i) for i, row in enumerate(records)]

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..checks import check_number
 from .collate import Features
 from .readers import get_field, get_text, require_rows, source_of
 
@@ -25,6 +26,7 @@ def qa_dataset(records: Sequence[dict], tokenizer, *, max_length: int = 384, doc
     spans of context tokens, None elsewhere) for `postprocess_qa_predictions`.
     """
     require_rows(records, "qa_dataset")
+    check_number(max_length, "qa_dataset: max_length", low=1, integer=True)
     if not 0 <= doc_stride < max_length:
         raise ValueError(f"qa_dataset: doc_stride must be in [0, max_length={max_length}), got {doc_stride}")
     # leading whitespace in questions only wastes window space

@@ -6,6 +6,7 @@ functions can name the file (and row, and column) in their error messages.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -93,10 +94,28 @@ def read_file(path: str | os.PathLike) -> Records:
     return Records(rows, source=str(path))
 
 
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8 (a leading BOM dropped); a ValueError naming the file and line otherwise."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, data[:e.start].count(b"\n") + 1, e) from None
+
+
+def _not_utf8(path: Path, line_no: int, error: UnicodeDecodeError) -> ValueError:
+    bad = error.object[error.start:error.start + 1]
+    return ValueError(f"{path}:{line_no}: not UTF-8 text (byte {bad!r}); re-save the file as UTF-8")
+
+
 def _read_jsonl(path: Path) -> list:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, line_no, e) from None
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -106,7 +125,7 @@ def _read_jsonl(path: Path) -> list:
 
 
 def _read_json(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -142,8 +161,7 @@ def _flatten_squad(articles: list) -> list:
 
 
 def _read_csv(path: Path) -> list:
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
+    return list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
 
 
 def _read_parquet(path: Path) -> list:

@@ -1,0 +1,71 @@
+"""One training run per output_dir: an advisory lock file, `output_dir/.minilora.lock`.
+
+Two runs writing one folder would interleave metrics.jsonl and overwrite each other's checkpoints. The lock
+is an `flock` on the file, which the kernel drops when its holder dies, so a lock left by a killed run
+(kill -9, out of memory) is recognised as stale and taken over; the file names the holder (pid, host, start
+time) for the error a second run gets.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+LOCK_NAME = ".minilora.lock"
+
+
+class OutputDirLocked(RuntimeError):
+    """Another live run holds the output_dir."""
+
+
+@contextmanager
+def output_dir_lock(out_dir: Path):
+    """Hold `out_dir`'s lock for the body (creating the folder); OutputDirLocked naming the holder otherwise."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_NAME
+    fd = _acquire(path)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked: a waiting opener then sees a new file, not ours
+        os.close(fd)
+
+
+def _acquire(path: Path) -> int:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe(os.read(fd, 4096))
+            os.close(fd)
+            raise OutputDirLocked(f"output_dir {path.parent} is in use by another training run ({holder}; lock "
+                                  f"file {path}): wait for it to finish, or use another output_dir") from None
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            break
+        os.close(fd)  # the holder removed the file between our open and our lock: try the new one
+    previous = os.read(fd, 4096)
+    if previous.strip():
+        warnings.warn(f"{path}: the run that held this output_dir ({_describe(previous)}) ended without "
+                      "releasing it (killed?); taking it over", stacklevel=4)
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    return fd
+
+
+def _describe(raw: bytes) -> str:
+    try:
+        info = json.loads(raw)
+        return f"pid {info['pid']} on host {info['host']}, started {info['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
