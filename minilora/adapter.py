@@ -186,6 +186,8 @@ def load_adapter(model: nn.Module, path_or_id: str | os.PathLike, revision: str 
         if tuple(t.shape) != expected[key]:
             raise ValueError(f"{source}: tensor {key} has shape {tuple(t.shape)} but the model expects "
                              f"{expected[key]} (is it an adapter for a different base model?)")
+        if not t.is_floating_point():
+            raise ValueError(f"{source}: tensor {key} is {t.dtype}; adapter weights are floating-point")
 
     if not has_lora:
         apply_lora(model, config)

@@ -31,7 +31,7 @@ LAYER_KEYS = {
 def check_config_dict(config_class: type, config: dict, source: Path) -> None:
     """config.json's values against `config_class`'s fields: types, then sizes (before the config is built)."""
     problems = type_errors(config_class, config)
-    for name in ("id2label", "label2id"):
+    for name in ("id2label", "label2id", "quantization_config", "rope_parameters"):
         if config.get(name) is not None and not isinstance(config[name], dict):
             problems.append(f"{name}: expected a JSON object, got {type(config[name]).__name__}")
     if problems:

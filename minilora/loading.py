@@ -53,6 +53,8 @@ def from_pretrained(path_or_id: str | os.PathLike, task: str | None = None, num_
         A folder saved from a quantized model (config.json has `quantization_config`) loads quantized
         without it.
     Returns the model in eval mode (like transformers), with `model.name_or_path = path_or_id`.
+    Weights used as stored are mapped copy-on-write from the files: rewriting those files while the model is in
+    use changes the pages not read yet (as with safetensors' and transformers' mapped loading).
     """
     model_dir = resolve_model_dir(path_or_id, revision)
     config_dict = _read_json(model_dir / "config.json")

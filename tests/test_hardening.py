@@ -110,6 +110,7 @@ def test_huge_num_labels_is_refused(tmp_path):
     ({"rope_scaling": [1, 2]}, "rope_scaling: expected dict"),
     ({"num_attention_heads": 0}, "num_attention_heads must be >= 1"),
     ({"rms_norm_eps": None}, "rms_norm_eps: expected float"),
+    ({"quantization_config": ["nf4"]}, "quantization_config: expected a JSON object"),
 ])
 def test_config_values_of_the_wrong_type_or_size(llama_dir, change, named):
     source = edit_config(llama_dir, **change)
@@ -218,3 +219,17 @@ def test_backward_through_a_merged_model_says_it_is_merged():
     ml.unmerge_lora(model)
     model(ids, labels=ids).loss.backward()  # unmerged, it trains again
     assert model.model.layers[0].self_attn.q_proj.lora_B.weight.grad is not None
+
+
+def test_adapter_with_an_integer_tensor_is_refused(tmp_path):
+    folder = ml.save_adapter(ml.apply_lora(tiny_llama(), ml.LoraConfig(r=4, target_modules=["q_proj"])), tmp_path / "a")
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_safetensors(weights)
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key] = tensors[key].to(torch.int32)
+    save_safetensors(tensors, weights)
+    fresh = tiny_llama()
+    before = state_of(fresh)
+    fails_unchanged(folder, ValueError, str(weights), key.removeprefix("base_model.model."), "torch.int32",
+                    call=lambda: ml.load_adapter(fresh, folder))
+    assert_same_state(fresh, before)
