@@ -249,8 +249,9 @@ class _MergedGuard(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        raise RuntimeError("backward through a merged LoRA layer: its LoRA factors are folded into the base weight "
-                           "and get no gradient. Call ml.unmerge_lora(model) before training")
+        raise RuntimeError("backward through a merged LoRA layer: its trainable LoRA factors are folded into the "
+                           "base weight and would get no gradient. Call ml.unmerge_lora(model) before training (or "
+                           "freeze the factors with requires_grad_(False) to train only other parameters)")
 
 
 class LoraLinear(nn.Module):

@@ -446,27 +446,18 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def _trim_metrics(path: Path, keep_up_to: int) -> None:
-    """Start metrics.jsonl afresh, keeping (on resume) the records up to the resumed step."""
+    """Start metrics.jsonl afresh, keeping (on resume) the records up to the resumed step. A last line torn by a
+    kill in the middle of a write is dropped; a corrupt earlier line is an error naming it."""
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() and keep_up_to else []
-    kept = [line for line in lines[:-1] + _whole_last_line(lines[-1:])
-            if line.strip() and _metrics_record(path, lines, line).get("step", 0) <= keep_up_to]
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as e:
+            if i == last:
+                break
+            raise ValueError(f"{path}:{i + 1}: not a JSON metrics record ({e})") from None
+        if isinstance(record, dict) and record.get("step", 0) <= keep_up_to:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def _whole_last_line(last: list[str]) -> list[str]:
-    """The last line of metrics.jsonl unless a kill tore it mid-write (then it is dropped, and rewritten)."""
-    try:
-        return [line for line in last if json.loads(line) is not None]
-    except json.JSONDecodeError:
-        return []
-
-
-def _metrics_record(path: Path, lines: list[str], line: str) -> dict:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lines.index(line) + 1}: not a JSON metrics record ({e}); a torn last "
-                         "line is tolerated, a corrupt earlier one is not") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}:{lines.index(line) + 1}: expected a JSON object, got {line[:80]!r}")
-    return record

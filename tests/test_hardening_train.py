@@ -188,3 +188,14 @@ def test_non_finite_weights_are_never_saved_as_a_checkpoint(tmp_path):
                                                  r"checkpoint-2"):
         save_checkpoint(model, build_optimizer(model, cfg), TrainState(global_step=3), cfg)
     assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "metrics.jsonl"]
+
+
+def test_a_corrupt_metrics_line_before_the_last_is_named(tmp_path):
+    out = tmp_path / "out"
+    train(TinyClassifier(), classification_data(8), config(out))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join([lines[0], "{oops", *lines[1:]]) + "\n")
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=rf"{out / 'metrics.jsonl'}:2: not a JSON metrics record"):
+        train(TinyClassifier(), classification_data(8), config(out, num_epochs=2, resume_from="latest"))
+    assert snapshot(out) == before
