@@ -29,6 +29,9 @@ def output_dir_lock(out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK_NAME
     fd = _acquire(path)
+    if fd is None:
+        yield
+        return
     try:
         yield
     finally:
@@ -36,7 +39,7 @@ def output_dir_lock(out_dir: Path):
         os.close(fd)
 
 
-def _acquire(path: Path) -> int:
+def _acquire(path: Path) -> int | None:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -46,6 +49,11 @@ def _acquire(path: Path) -> int:
             os.close(fd)
             raise OutputDirLocked(f"output_dir {path.parent} is in use by another training run ({holder}; lock "
                                   f"file {path}): wait for it to finish, or use another output_dir") from None
+        except OSError as e:  # a file system without locks (some network mounts)
+            os.close(fd)
+            warnings.warn(f"cannot lock {path} ({e}): nothing stops a second run from writing to this output_dir",
+                          stacklevel=4)
+            return None
         try:
             same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
