@@ -45,10 +45,9 @@ def _acquire(path: Path) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _describe(os.read(fd, 4096))
+            holder = os.read(fd, 4096)
             os.close(fd)
-            raise OutputDirLocked(f"output_dir {path.parent} is in use by another training run ({holder}; lock "
-                                  f"file {path}): wait for it to finish, or use another output_dir") from None
+            raise _locked(path, holder) from None
         except OSError as e:  # a file system without locks (some network mounts)
             os.close(fd)
             warnings.warn(f"cannot lock {path} ({e}): nothing stops a second run from writing to this output_dir",
@@ -62,6 +61,9 @@ def _acquire(path: Path) -> int | None:
             break
         os.close(fd)  # the holder removed the file between our open and our lock: try the new one
     previous = os.read(fd, 4096)
+    if _names_a_live_process(previous):  # a holder without flock (a file system that ignores it)
+        os.close(fd)
+        raise _locked(path, previous)
     if previous.strip():
         warnings.warn(f"{path}: the run that held this output_dir ({_describe(previous)}) ended without "
                       "releasing it (killed?); taking it over", stacklevel=4)
@@ -69,6 +71,27 @@ def _acquire(path: Path) -> int | None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
     return fd
+
+
+def _locked(path: Path, holder: bytes) -> OutputDirLocked:
+    return OutputDirLocked(f"output_dir {path.parent} is in use by another training run ({_describe(holder)}; lock "
+                           f"file {path}): wait for it to finish, or use another output_dir (if that process is no "
+                           "minilora run, delete the lock file)")
+
+
+def _names_a_live_process(raw: bytes) -> bool:
+    """Whether the lock file names a process on this host that still runs."""
+    try:
+        info = json.loads(raw)
+        pid = int(info["pid"])
+        if info["host"] != socket.gethostname() or pid <= 0:
+            return False
+        os.kill(pid, 0)
+    except (ValueError, KeyError, TypeError, OverflowError, ProcessLookupError):
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
 
 
 def _describe(raw: bytes) -> str:

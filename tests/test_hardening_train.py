@@ -199,3 +199,15 @@ def test_a_corrupt_metrics_line_before_the_last_is_named(tmp_path):
     with pytest.raises(ValueError, match=rf"{out / 'metrics.jsonl'}:2: not a JSON metrics record"):
         train(TinyClassifier(), classification_data(8), config(out, num_epochs=2, resume_from="latest"))
     assert snapshot(out) == before
+
+
+def test_a_lock_file_naming_a_live_process_on_this_host_holds_without_flock(tmp_path):
+    import socket
+    out = tmp_path / "out"
+    out.mkdir()
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-01-01 00:00:00"}
+    (out / LOCK_NAME).write_text(json.dumps(record))  # as a holder on a file system without flock leaves it
+    before = snapshot(out)
+    with pytest.raises(OutputDirLocked, match=rf"pid {os.getpid()} on host {socket.gethostname()}"):
+        train(TinyClassifier(), classification_data(8), config(out))
+    assert snapshot(out) == before
