@@ -61,7 +61,7 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: T
     removed. Returns the folder on rank 0. Refuses (FloatingPointError) to save non-finite weights, so
     every checkpoint on disk is one to go back to.
     """
-    _check_finite(model, Path(config.output_dir), state.global_step)
+    _check_finite(model, optimizer, Path(config.output_dir), state.global_step)
     rng_states = [rng_state()]
     if world > 1:
         rng_states = [None] * world
@@ -92,11 +92,15 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: T
     return final
 
 
-def _check_finite(model: nn.Module, out_dir: Path, step: int) -> None:
+def _check_finite(model: nn.Module, optimizer: torch.optim.Optimizer, out_dir: Path, step: int) -> None:
+    names = {p: n for n, p in model.named_parameters()}
     bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    bad += [f"optimizer {key} of {names.get(p, 'a parameter')}" for p, state in optimizer.state.items()
+            for key, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point()
+            and not bool(torch.isfinite(t).all())]
     if bad:
         good = [p.name for p in list_checkpoints(out_dir)] if out_dir.is_dir() else []
-        raise FloatingPointError(f"not saving checkpoint-{step} in {out_dir}: trainable parameters hold NaN or inf "
+        raise FloatingPointError(f"not saving checkpoint-{step} in {out_dir}: trainable weights hold NaN or inf "
                                  f"({', '.join(bad[:8])}). Last good checkpoint: {good[-1] if good else 'none'}. "
                                  "Try a lower learning_rate, warmup or max_grad_norm")
 

@@ -188,6 +188,13 @@ def test_non_finite_weights_are_never_saved_as_a_checkpoint(tmp_path):
                                                  r"checkpoint-2"):
         save_checkpoint(model, build_optimizer(model, cfg), TrainState(global_step=3), cfg)
     assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "metrics.jsonl"]
+    with torch.no_grad():
+        model.head.weight[0, 0] = 0.0
+    optimizer = build_optimizer(model, cfg)
+    optimizer.state[model.head.weight] = {"exp_avg": torch.full_like(model.head.weight, float("nan"))}
+    with pytest.raises(FloatingPointError, match=r"optimizer exp_avg of head\.weight"):
+        save_checkpoint(model, optimizer, TrainState(global_step=3), cfg)
+    assert snapshot(out) == before
 
 
 def test_a_corrupt_metrics_line_before_the_last_is_named(tmp_path):
