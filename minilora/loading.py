@@ -114,8 +114,8 @@ def _checked_config(config_class: type, config_dict: dict, checkpoint: Checkpoin
     load_checks.check_config_dict(config_class, config_dict, source)
     try:
         config = config_class.from_dict(config_dict)
-    except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{source}: {e}") from None
+    except (ValueError, TypeError, KeyError) as e:  # the config class's own checks: name the file
+        raise type(e)(f"{source}: {e}") from None
     load_checks.check_against_checkpoint(config, checkpoint, source)
     return config
 

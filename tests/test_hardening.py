@@ -117,6 +117,11 @@ def test_config_values_of_the_wrong_type_or_size(llama_dir, change, named):
     fails_unchanged(llama_dir, CheckpointError, str(source), named)
 
 
+def test_config_class_errors_name_the_file(llama_dir):
+    source = edit_config(llama_dir, hidden_act="gelu", num_key_value_heads=3)
+    fails_unchanged(llama_dir, ValueError, str(source), "num_key_value_heads (3)")
+
+
 def test_huge_head_dim_fails_before_any_rope_table(llama_dir, monkeypatch):
     import minilora.models.llama as llama
     monkeypatch.setattr(llama, "rope_inv_freq", lambda *a, **k: pytest.fail("RoPE table built"))
