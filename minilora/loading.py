@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from minilora.device import resolve_device
 from minilora.hub import resolve_model_dir
 from minilora.models import FAMILIES, model_classes
 from minilora.safetensors_io import (Checkpoint, CheckpointError, LazyTensor, SafetensorsFile,  # noqa: F401
@@ -46,7 +47,9 @@ def from_pretrained(path_or_id: str | os.PathLike, task: str | None = None, num_
         checkpoint has none; a checkpoint head of another size is an error).
     dtype: dtype of the floating-point weights. None (or "auto") keeps the checkpoint's, like
         transformers v5: config.json `dtype`/`torch_dtype`, else the dtype most of the stored weights have.
-    device: where the weights are materialised (default CPU), one tensor at a time.
+    device: where the weights are materialised (and quantized), one tensor at a time. None: CUDA when
+        available (`cuda:LOCAL_RANK` under torchrun), else the CPU: `ml.resolve_device`, the same default as
+        `TrainConfig.device`, so a model loads where it will train. Pass "cpu" to load on the CPU.
     quantize: "nf4" | "fp4" | "int8" | a `QuantConfig`: quantize the linear layers while loading (QLoRA).
         A folder saved from a quantized model (config.json has `quantization_config`) loads quantized
         without it.
@@ -57,7 +60,7 @@ def from_pretrained(path_or_id: str | os.PathLike, task: str | None = None, num_
     if num_labels is not None:
         _set_num_labels(config_dict, num_labels)
     config_class, model_class = model_classes(config_dict, task)
-    device = torch.device(device if device is not None else "cpu")
+    device = resolve_device(device)
     with Checkpoint(model_dir) as checkpoint:
         dtype = _resolve_dtype(dtype, config_dict, checkpoint)
         qconfig, prequantized = _resolve_quantization(quantize, config_dict, dtype)

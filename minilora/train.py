@@ -25,6 +25,7 @@ from torch import nn
 
 from .checkpointing import enable_gradient_checkpointing
 from .data.collate import Collator
+from .device import resolve_device
 from .plot import plot_metrics
 from .resume import (TrainState, find_checkpoint, load_trainable_weights, load_trainer_state, read_tree,
                      save_checkpoint, set_rng_state)
@@ -63,7 +64,7 @@ class TrainConfig:
     resume_from: str | None = None  # a checkpoint folder or "latest" (newest in output_dir)
     progress_bar: bool = True
     plot: bool = True  # write output_dir/loss.png at the end when matplotlib is installed
-    device: str | None = None  # default: cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
+    device: str | None = None  # None: cuda if available, else cpu; a bare cuda is cuda:LOCAL_RANK under torchrun
     ddp_find_unused_parameters: bool = False
 
     def __post_init__(self):
@@ -321,11 +322,7 @@ def evaluate(model: nn.Module, data: Sequence[dict], *, batch_size: int = 8, col
 def _setup_distributed(config: TrainConfig) -> tuple[torch.device, int, int, bool]:
     """(device, rank, world_size, whether we created the process group). torchrun sets WORLD_SIZE etc."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    name = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+    device = resolve_device(config.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world == 1:
