@@ -79,3 +79,117 @@ def test_from_pretrained_loads_on_the_shared_default_device(monkeypatch):
         pytest.skip(f"no test checkpoint at {model_dir} (set MINILORA_TEST_MODELS)")
     model = ml.from_pretrained(model_dir)
     assert asked == [None] and next(model.parameters()).device.type == "cpu"
+
+
+# ---------------------------------------------------------------- bitsandbytes: version, blocksize
+
+def test_an_old_bitsandbytes_is_refused_at_import_with_the_version_needed(monkeypatch):
+    bnb = pytest.importorskip("bitsandbytes")
+    from minilora import quant
+
+    monkeypatch.setattr(bnb, "__version__", "0.45.5")
+    quant._bnb.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"bitsandbytes >= 0\.46.*found 0\.45\.5"):
+            quant.quantize_linear(torch.randn(8, 64), None, ml.QuantConfig("nf4"))
+    finally:
+        quant._bnb.cache_clear()
+    monkeypatch.setattr(bnb, "__version__", "0.46.0.dev0")
+    assert quant.bnb_version() == (0, 46)
+    quant._bnb.cache_clear()
+
+
+def test_blocksize_32_on_cuda_needs_bitsandbytes_0_49(monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from minilora import quant
+
+    monkeypatch.setattr(quant, "bnb_version", lambda module=None: (0, 48))
+    with pytest.raises(ValueError, match=r"QuantConfig.blocksize=32 needs bitsandbytes >= 0\.49 on CUDA"):
+        quant.quantize_linear(torch.randn(8, 64), None, ml.QuantConfig("nf4", blocksize=32), device="cuda")
+    quant.check_blocksize(64, torch.device("cuda"))  # other sizes and devices pass
+    quant.check_blocksize(32, torch.device("cpu"))
+    on_cpu = quant.quantize_linear(torch.randn(8, 64), None, ml.QuantConfig("nf4", blocksize=32))
+    assert on_cpu.weight.quant_state.blocksize == 32
+    monkeypatch.setattr(quant, "bnb_version", lambda module=None: (0, 49))
+    quant.check_blocksize(32, torch.device("cuda"))
+
+
+# ---------------------------------------------------------------- which kernel a quantized layer runs
+
+def test_4bit_decoding_on_cuda_goes_through_matmul_4bit():
+    from minilora.quant import DECODE_MAX_ROWS, decodes_with_matmul_4bit
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert decodes_with_matmul_4bit(cuda, 1, needs_grad=False)
+    assert decodes_with_matmul_4bit(cuda, DECODE_MAX_ROWS, False)
+    assert not decodes_with_matmul_4bit(cuda, DECODE_MAX_ROWS + 1, False)  # prefill, training batches
+    assert not decodes_with_matmul_4bit(cuda, 1, needs_grad=True)  # minilora's backward
+    assert not decodes_with_matmul_4bit(cpu, 1, False)  # the CPU keeps dequantize + GEMM
+
+
+@pytest.fixture
+def bnb_matmul_on_cpu(monkeypatch):
+    """The CUDA routing, run on the CPU: bitsandbytes' CPU kernels stand in for the CUDA ones."""
+    pytest.importorskip("bitsandbytes")
+    from minilora import quant
+
+    monkeypatch.setattr(quant, "BNB_MATMUL_DEVICES", ("cuda", "cpu"))
+    calls = []
+    bnb = quant._bnb()
+    for name in ("matmul_4bit", "matmul"):
+        real = getattr(bnb, name)
+        monkeypatch.setattr(bnb, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_the_4bit_decode_route_calls_matmul_4bit_like_linear4bit(bnb_matmul_on_cpu, compute_dtype):
+    from minilora import quant
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 128, generator=g) * 0.05, torch.randn(96, generator=g) * 0.1
+    layer = quant.quantize_linear(w, b, ml.QuantConfig("nf4", compute_dtype=compute_dtype))
+    x = torch.randn(2, 1, 128, generator=g)  # two sequences, one new token each
+    with torch.no_grad():
+        routed = layer(x)
+    assert bnb_matmul_on_cpu == ["matmul_4bit"] and routed.dtype == x.dtype and routed.shape == (2, 1, 96)
+    dense = x.to(compute_dtype) @ layer.dequantize(compute_dtype).t() + b.to(compute_dtype)
+    torch.testing.assert_close(routed, dense.float(), rtol=2e-2, atol=2e-2)
+    layer(x.requires_grad_()).sum().backward()  # with a gradient to compute: minilora's own path
+    with torch.no_grad():
+        layer(torch.randn(2, quant.DECODE_MAX_ROWS, 128))  # a prefill of 2 x 16 rows: minilora's own path
+    assert bnb_matmul_on_cpu == ["matmul_4bit"] and x.grad is not None
+
+
+def test_int8_on_cuda_runs_llm_int8_with_the_configured_threshold(bnb_matmul_on_cpu):
+    """On CUDA the int8 layer is bitsandbytes' Linear8bitLt: LLM.int8 with outlier columns (here run by the
+    CPU kernels, which Linear8bitLt runs in eval mode); int8_threshold decides which columns are outliers."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from minilora import quant
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 64, generator=g) * 0.05, torch.randn(48, generator=g) * 0.1
+    x = torch.randn(3, 5, 64, generator=g)
+    x[..., 7] *= 40  # an outlier feature column
+    outs = {}
+    for threshold in (0.0, 6.0):
+        config = ml.QuantConfig("int8", compute_dtype=torch.float32, int8_threshold=threshold)
+        ours = quant.quantize_linear(w, b, config)
+        assert ours.threshold == threshold
+        ref = bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=False, threshold=threshold)
+        ref.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
+        ref.bias = torch.nn.Parameter(b.clone(), requires_grad=False)
+        ref.eval()
+        with torch.no_grad():
+            outs[threshold] = ours(x)
+            torch.testing.assert_close(outs[threshold], ref(x), rtol=0, atol=0)
+        xg = x.clone().requires_grad_()
+        ours(xg).sum().backward()  # the input gradient through the dequantized weight
+        torch.testing.assert_close(xg.grad, torch.ones(3, 5, 48) @ ours.dequantize(torch.float32))
+    exact = x @ w.t() + b
+    assert rel(outs[6.0], exact) < rel(outs[0.0], exact)  # the outlier column kept in 16 bits
+    assert "matmul" in bnb_matmul_on_cpu and "matmul_4bit" not in bnb_matmul_on_cpu
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
