@@ -148,7 +148,7 @@ class _LoraUpdate(torch.autograd.Function):
 
 def _runs_inside(base: nn.Module, x: torch.Tensor) -> bool:
     """Whether _LoraLinearFn can compute `base` itself: a frozen nn.Linear or quantized linear layer that
-    computes in x's dtype, with a frozen bias (or none) and no hooks, outside autocast."""
+    computes in x's dtype by dequantizing, with a frozen bias (or none) and no hooks, outside autocast."""
     if base._forward_hooks or base._forward_pre_hooks or torch.is_autocast_enabled(x.device.type):
         return False
     bias = base.bias
@@ -158,7 +158,8 @@ def _runs_inside(base: nn.Module, x: torch.Tensor) -> bool:
         return not base.weight.requires_grad and base.weight.dtype == x.dtype
     from minilora.quant import QuantizedLinear
 
-    return isinstance(base, QuantizedLinear) and (base.compute_dtype or x.dtype) == x.dtype
+    return (isinstance(base, QuantizedLinear) and (base.compute_dtype or x.dtype) == x.dtype
+            and not base.uses_bnb_matmul(x, bias))  # bitsandbytes' kernels (CUDA) run in the base's forward
 
 
 def _weight_in(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:

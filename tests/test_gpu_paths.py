@@ -193,3 +193,21 @@ def test_int8_on_cuda_runs_llm_int8_with_the_configured_threshold(bnb_matmul_on_
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_lora_layers_leave_the_cuda_kernels_to_their_quantized_base(bnb_matmul_on_cpu, quant_type):
+    """LoRA's fused path computes a quantized base itself by dequantizing; where the base would run a
+    bitsandbytes kernel (CUDA decoding, CUDA int8) the base's own forward runs instead, LoRA added after."""
+    from minilora import quant
+
+    g = torch.Generator().manual_seed(0)
+    base = quant.quantize_linear(torch.randn(32, 64, generator=g) * 0.05, None,
+                                 ml.QuantConfig(quant_type, compute_dtype=torch.bfloat16))
+    layer = ml.LoraLinear(base, r=4, lora_alpha=8, init_lora_weights=False)
+    x = torch.randn(1, 1, 64, generator=g, dtype=torch.bfloat16)  # a bf16 model decoding one token
+    with torch.no_grad():
+        out = layer(x)
+        expected = base(x) + layer.scaling * (x.float() @ layer.lora_A.weight.t() @ layer.lora_B.weight.t())
+    assert bnb_matmul_on_cpu == 2 * ["matmul_4bit" if quant_type == "nf4" else "matmul"]
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
