@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import minilora as ml
 from minilora.device import resolve_device
@@ -211,3 +212,27 @@ def test_lora_layers_leave_the_cuda_kernels_to_their_quantized_base(bnb_matmul_o
         expected = base(x) + layer.scaling * (x.float() @ layer.lora_A.weight.t() @ layer.lora_B.weight.t())
     assert bnb_matmul_on_cpu == 2 * ["matmul_4bit" if quant_type == "nf4" else "matmul"]
     torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------- chunked cross-entropy
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_gives_the_same_bits_in_gpu_sized_chunks(monkeypatch, dtype):
+    """A GPU reads the logits in DEVICE_CHUNK_ELEMENTS chunks: the same loss and gradient, bit for bit, as the
+    CPU's cache-sized chunks (rows are independent); a loss scale (accumulation) applies on both paths."""
+    from minilora import fused
+
+    torch.manual_seed(0)
+    logits = (torch.randn(300, 1000) * 4).to(dtype).requires_grad_()
+    targets = torch.randint(0, 1000, (300,))
+    targets[::7] = -100
+    results, sizes = [], (fused.CHUNK_ELEMENTS, fused.DEVICE_CHUNK_ELEMENTS)
+    assert sizes[1] // 1000 >= 300 > sizes[0] // 1000  # one chunk vs several
+    for chunk in sizes:
+        monkeypatch.setattr(fused, "CHUNK_ELEMENTS", chunk)
+        loss = fused.cross_entropy(logits, targets)
+        results.append((loss, *torch.autograd.grad(loss / 4, logits)))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    expected = torch.func.grad(lambda x: F.cross_entropy(x.float(), targets) / 4)(logits.detach())
+    torch.testing.assert_close(results[0][1].float(), expected.float(), rtol=1e-2, atol=1e-6)
