@@ -392,7 +392,9 @@ def _frozen(bias: torch.Tensor | None) -> nn.Parameter | None:
 # Building layers: from a dense weight, or from a checkpoint's packed tensors
 
 
-QUANTIZE_CHUNK_ELEMENTS = 1 << 18  # weights per bitsandbytes call: its temporaries stay ~5 MB
+QUANTIZE_CHUNK_ELEMENTS = 1 << 18  # weights per bitsandbytes call on the CPU: its temporaries stay ~5 MB
+# Elsewhere (GPUs): few, large calls (most matrices in one), not thousands of small synchronous copies.
+DEVICE_QUANTIZE_CHUNK_ELEMENTS = 1 << 26
 
 
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, qconfig: QuantConfig,
@@ -400,9 +402,10 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, qconfig: Qu
     """A frozen NF4Linear / Int8Linear holding `weight` (out, in) quantized on `device` (default: its own).
 
     `weight` is a tensor, or anything with `.shape`, `.dtype` and row ranges `weight[a:b]` as tensors (a
-    checkpoint tensor read lazily). It is quantized a few rows at a time, cast to `dtype` (default: its own)
-    on the way: bitsandbytes' temporaries stay small and no full-precision copy of the matrix is made. The
-    result is bit for bit what one bitsandbytes call on the whole matrix gives.
+    checkpoint tensor read lazily). It is quantized a few rows at a time on the CPU (a few large pieces on a
+    GPU), cast to `dtype` (default: its own) on the way: bitsandbytes' temporaries stay small and no
+    full-precision copy of the matrix is made. The result is bit for bit what one bitsandbytes call on the
+    whole matrix gives.
     """
     shape = tuple(weight.shape)
     if len(shape) != 2 or not weight.dtype.is_floating_point:
@@ -419,8 +422,11 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, qconfig: Qu
     four_bit = qconfig.quant_type != "int8"
     # A chunk of whole rows holding whole 4-bit blocks, so blocks (and packed byte pairs) never straddle chunks.
     rows_step = qconfig.blocksize // math.gcd(shape[1], qconfig.blocksize) if four_bit else 1
-    rows = max(rows_step, QUANTIZE_CHUNK_ELEMENTS // max(shape[1], 1) // rows_step * rows_step)
-    chunks = (weight[a:a + rows].detach().to(device, dtype) for a in range(0, shape[0], rows))
+    chunk = QUANTIZE_CHUNK_ELEMENTS if device.type == "cpu" else DEVICE_QUANTIZE_CHUNK_ELEMENTS
+    rows = max(rows_step, chunk // max(shape[1], 1) // rows_step * rows_step)
+    # To CUDA, non_blocking: rows read into pinned memory (a checkpoint tensor bound there) copy asynchronously
+    to_cuda = device.type == "cuda"
+    chunks = (weight[a:a + rows].detach().to(device, dtype, non_blocking=to_cuda) for a in range(0, shape[0], rows))
     if not four_bit:
         return Int8Linear(*_quantize_int8(chunks, shape, device), bias, qconfig.compute_dtype, qconfig.int8_threshold)
     return NF4Linear(_quantize_4bit(chunks, shape, dtype, qconfig, device), bias, qconfig.compute_dtype)

@@ -236,3 +236,32 @@ def test_cross_entropy_gives_the_same_bits_in_gpu_sized_chunks(monkeypatch, dtyp
         assert torch.equal(a, b)
     expected = torch.func.grad(lambda x: F.cross_entropy(x.float(), targets) / 4)(logits.detach())
     torch.testing.assert_close(results[0][1].float(), expected.float(), rtol=1e-2, atol=1e-6)
+
+
+# ---------------------------------------------------------------- loading onto a GPU
+
+def test_checkpoint_tensors_go_to_a_gpu_in_few_pinned_pieces(tmp_path, monkeypatch):
+    """To the CPU a converted tensor is read a few rows at a time (memory); to CUDA it is read in large
+    pieces into pinned memory (asynchronous copies). The meta device stands in for the GPU's allocation."""
+    from minilora import loading
+    from minilora.safetensors_io import Checkpoint, SafetensorsFile, save_safetensors
+
+    save_safetensors({"w": torch.randn(4096, 1024)}, tmp_path / "model.safetensors")  # 16 MiB of fp32
+    reads = []
+    real_read = SafetensorsFile.read
+
+    def spy(self, key, start=None, stop=None, pin_memory=False):
+        reads.append((key, start, stop, pin_memory))
+        return real_read(self, key, start, stop)  # pinning itself needs a GPU
+    monkeypatch.setattr(SafetensorsFile, "read", spy)
+    with Checkpoint(tmp_path) as checkpoint:
+        on_cpu = loading._read_as(loading._lazy_for(checkpoint, "w", torch.device("cpu")), torch.device("cpu"),
+                                  torch.bfloat16)
+        assert len(reads) == 16 * 2**20 // loading.READ_CHUNK_BYTES and not any(r[3] for r in reads)
+        torch.testing.assert_close(on_cpu, checkpoint.read("w").to(torch.bfloat16), rtol=0, atol=0)
+        reads.clear()
+        lazy = loading._lazy_for(checkpoint, "w", torch.device("cuda"))
+        assert lazy.pin_memory
+        out = loading._read_as(lazy, torch.device("meta"), torch.bfloat16)
+        assert [(r[0], r[1], r[3]) for r in reads] == [("w", 0, True)] and reads[0][2] >= 4096  # one piece
+        assert out.shape == (4096, 1024) and out.dtype == torch.bfloat16
