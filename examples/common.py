@@ -253,8 +253,8 @@ def split_rows(data: str, n_eval: int | None, seed: int) -> tuple[list[dict], li
 
 
 def qlora_precision(device: torch.device) -> tuple[torch.dtype, bool]:
-    """(compute dtype of the quantized layers, bf16 autocast): bf16 on GPUs that have it, fp16 on older GPUs,
-    fp32 on CPU."""
+    """(compute dtype of the quantized layers, bf16 autocast): bf16 on GPUs that have it, fp16 on older GPUs
+    (train with TrainConfig(fp16=True) there: fp16 autocast with loss scaling), fp32 on CPU."""
     if device.type == "cuda":
         return (torch.bfloat16, True) if torch.cuda.is_bf16_supported() else (torch.float16, False)
     return torch.float32, False

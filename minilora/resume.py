@@ -45,6 +45,7 @@ class TrainState:
     tokens_seen: int = 0
     samples_seen: int = 0
     num_examples: int = 0  # the permutation depends on it: resuming needs the same data
+    grad_scaler: dict | None = None  # fp16: torch.amp.GradScaler's state (loss scale, growth tracker)
 
 
 def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, config: TrainConfig,
@@ -113,7 +114,8 @@ def load_trainer_state(checkpoint: Path, config: TrainConfig, world: int, n_exam
         changed.append(f"number of training examples: {saved.get('num_examples')} -> {n_examples}")
     if changed:
         raise ValueError(f"cannot resume exactly from {checkpoint}: the data order would change ({'; '.join(changed)})")
-    return TrainState(**{k: saved[k] for k in asdict(TrainState())})
+    optional = {"grad_scaler"}  # absent from checkpoints written before fp16 training existed
+    return TrainState(**{k: saved[k] for k in asdict(TrainState()) if k in saved or k not in optional})
 
 
 def save_trainable_weights(model: nn.Module, folder: Path) -> None:

@@ -265,3 +265,14 @@ def test_checkpoint_tensors_go_to_a_gpu_in_few_pinned_pieces(tmp_path, monkeypat
         out = loading._read_as(lazy, torch.device("meta"), torch.bfloat16)
         assert [(r[0], r[1], r[3]) for r in reads] == [("w", 0, True)] and reads[0][2] >= 4096  # one piece
         assert out.shape == (4096, 1024) and out.dtype == torch.bfloat16
+
+
+def test_a_saved_int8_layer_loads_with_the_checkpoints_threshold():
+    pytest.importorskip("bitsandbytes")
+    from minilora import quant, quant_format
+
+    saved = ml.QuantConfig("int8", int8_threshold=4.0)
+    layer = quant.quantize_linear(torch.randn(16, 64), None, saved)
+    config = quant_format.quant_config_from_dict(quant_format.quant_config_to_dict(saved))  # config.json
+    again = quant_format.load_prequantized_linear(dict(layer.state_dict()), 64, 16, config)
+    assert layer.threshold == again.threshold == 4.0 and "threshold=4" in repr(again)
