@@ -116,6 +116,11 @@ class QuantConfig:
                              f"got {self.compute_dtype!r}")
         if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"QuantConfig.blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
+        if self.blocksize == 32 and self.quant_type != "int8" and torch.cuda.is_available():
+            try:  # CUDA is the default device: check now (quantize_linear checks again, knowing the device)
+                check_blocksize(self.blocksize, torch.device("cuda"))
+            except ImportError:
+                pass  # no usable bitsandbytes: loading says so
         if isinstance(self.skip_modules, str):
             self.skip_modules = [self.skip_modules]
         if self.skip_modules is not None and not all(isinstance(s, str) and s for s in self.skip_modules):

@@ -111,8 +111,13 @@ def test_blocksize_32_on_cuda_needs_bitsandbytes_0_49(monkeypatch):
     quant.check_blocksize(32, torch.device("cpu"))
     on_cpu = quant.quantize_linear(torch.randn(8, 64), None, ml.QuantConfig("nf4", blocksize=32))
     assert on_cpu.weight.quant_state.blocksize == 32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # CUDA, the default device: refused at once
+    with pytest.raises(ValueError, match=r"QuantConfig.blocksize=32 needs bitsandbytes >= 0\.49"):
+        ml.QuantConfig("nf4", blocksize=32)
+    assert ml.QuantConfig("int8", blocksize=32).blocksize == 32  # int8 has no blocks
     monkeypatch.setattr(quant, "bnb_version", lambda module=None: (0, 49))
     quant.check_blocksize(32, torch.device("cuda"))
+    assert ml.QuantConfig("nf4", blocksize=32).blocksize == 32
 
 
 # ---------------------------------------------------------------- which kernel a quantized layer runs
