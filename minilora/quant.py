@@ -286,14 +286,6 @@ class NF4Linear(QuantizedLinear):
     prefill and every CPU product dequantize the weight and run one dense GEMM (fast on CPU).
     """
 
-    def uses_bnb_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-        return decodes_with_matmul_4bit(x.device, x.numel() // max(x.shape[-1], 1), needs_grad)
-
-    def bnb_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # Linear4bit's call: the transposed packed weight (bitsandbytes >= 0.46 reads both orientations).
-        return _bnb().matmul_4bit(x, self.weight.t(), quant_state=self.weight.quant_state, bias=bias)
-
     def __init__(self, weight: nn.Parameter, bias: torch.Tensor | None = None,
                  compute_dtype: torch.dtype | None = None):
         super().__init__(compute_dtype)
@@ -320,6 +312,14 @@ class NF4Linear(QuantizedLinear):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for key, value in self.weight.quant_state.as_dict(packed=True).items():
             destination[prefix + "weight." + key] = value if keep_vars else value.detach()
+
+    def uses_bnb_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+        return decodes_with_matmul_4bit(x.device, x.numel() // max(x.shape[-1], 1), needs_grad)
+
+    def bnb_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # Linear4bit's call: the transposed packed weight (bitsandbytes >= 0.46 reads both orientations).
+        return _bnb().matmul_4bit(x, self.weight.t(), quant_state=self.weight.quant_state, bias=bias)
 
 
 class Int8Linear(QuantizedLinear):
