@@ -44,7 +44,8 @@ def common_parser(description: str, *, model: str, data: str, output_dir: str, e
     parser.add_argument("--output-dir", default=output_dir,
                         help=f"where the adapter, {RESULTS_FILE}, metrics.jsonl and loss.png are written")
     parser.add_argument("--device", default=None,
-                        help="torch device: cuda, cuda:1, cpu, mps... (default: cuda if available, else cpu)")
+                        help="torch device: cuda, cuda:1, cpu, mps... (default: cuda if available, else cpu; "
+                             "cuda:LOCAL_RANK under torchrun)")
     parser.add_argument("--seed", type=int, default=42, help="seed of sampling, init and data order")
     parser.add_argument("--epochs", type=int, default=epochs, help="training epochs")
     parser.add_argument("--max-steps", type=int, default=-1,
@@ -89,8 +90,11 @@ def start(args: argparse.Namespace) -> torch.device:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """`--device`, defaulting to cuda when available, else cpu."""
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """`--device` (`minilora.resolve_device`): cuda when available, else cpu; a bare cuda is cuda:LOCAL_RANK
+    under torchrun, so each rank loads and quantizes its model on its own GPU."""
+    from minilora.device import resolve_device as resolve  # after the sys.path set-up above
+
+    return resolve(name)
 
 
 def train_config(args: argparse.Namespace, **overrides: Any):
@@ -249,8 +253,8 @@ def split_rows(data: str, n_eval: int | None, seed: int) -> tuple[list[dict], li
 
 
 def qlora_precision(device: torch.device) -> tuple[torch.dtype, bool]:
-    """(compute dtype of the quantized layers, bf16 autocast): bf16 on GPUs that have it, fp16 on older GPUs,
-    fp32 on CPU."""
+    """(compute dtype of the quantized layers, bf16 autocast): bf16 on GPUs that have it, fp16 on older GPUs
+    (train with TrainConfig(fp16=True) there: fp16 autocast with loss scaling), fp32 on CPU."""
     if device.type == "cuda":
         return (torch.bfloat16, True) if torch.cuda.is_bf16_supported() else (torch.float16, False)
     return torch.float32, False

@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = train_config(args, gradient_accumulation_steps=args.gradient_accumulation_steps,
                           gradient_checkpointing=True, optim=args.optim, lr_scheduler=args.lr_scheduler,
                           warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
-                          max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, bf16=bf16)
+                          max_grad_norm=args.max_grad_norm, logging_steps=args.logging_steps, bf16=bf16,
+                          fp16=compute_dtype == torch.float16)  # GPUs without bf16: loss scaling
     summary = train(model, train_data, config, collate_fn=collate)
     print_metrics("training", summary)
 

@@ -23,6 +23,7 @@ _LAZY = {
     "from_pretrained": "loading", "save_pretrained": "loading",
     "load_tokenizer": "tokenizer", "Tokenizer": "tokenizer",
     "QuantConfig": "quant",
+    "resolve_device": "device",
     "data": None, "metrics": None, "models": None,
 }
 

@@ -17,7 +17,10 @@ import torch.nn.functional as F
 
 from minilora import gemm
 
-CHUNK_ELEMENTS = 1 << 18  # logits per cross-entropy chunk: a 1 MB fp32 buffer stays in L2 cache
+# Logits per cross-entropy chunk. CPU: a 1 MB fp32 buffer that stays in L2 cache. Other devices (GPUs): few,
+# large chunks (a 64 MB buffer), so a batch of logits takes a handful of kernel launches, not hundreds.
+CHUNK_ELEMENTS = 1 << 18
+DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -48,13 +51,15 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 
 
 class _CrossEntropy(torch.autograd.Function):
-    """One pass over the logits, in row chunks through a reused fp32 buffer that stays in the CPU cache: each
-    chunk's softmax gives its log-sum-exp and, when a backward will follow, its gradient right away."""
+    """One pass over the logits, in row chunks through a reused fp32 buffer (CHUNK_ELEMENTS on the CPU,
+    DEVICE_CHUNK_ELEMENTS elsewhere): each chunk's softmax gives its log-sum-exp and, when a backward will
+    follow, its gradient right away."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
                 with_grad: bool) -> torch.Tensor:
-        rows = max(1, CHUNK_ELEMENTS // logits.shape[1])
+        chunk = CHUNK_ELEMENTS if logits.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+        rows = max(1, chunk // logits.shape[1])
         buffer = torch.empty(min(rows, logits.shape[0]), logits.shape[1], dtype=torch.float32, device=logits.device)
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         count = valid.sum()
@@ -78,7 +83,9 @@ class _CrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: torch.Tensor):
         (grad,) = ctx.saved_tensors  # not None: without grad mode there is no graph to call this
-        if grad_loss.item() != 1.0:  # e.g. loss / accumulation_steps: one more rounding in bf16
+        # Scaled by grad_loss (e.g. loss / accumulation_steps): one more rounding in bf16. On the CPU a factor
+        # of 1 skips that pass; elsewhere reading it back would stall the device, and x * 1 is exact anyway.
+        if grad.device.type != "cpu" or grad_loss.item() != 1.0:
             grad = grad * grad_loss.to(grad.dtype)
         return grad, None, None, None
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 from .config import LoraConfig
@@ -155,19 +156,51 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every LoRA layer with one dense nn.Linear holding base + update (quantized bases are
-    dequantized, the update added in fp32), and dequantize the other quantized layers too: the result is a
-    plain model (16-bit for a 16-bit QLoRA model) with no LoRA and no quantization left, never re-quantized."""
-    for path, layer in _require_lora(model).items():
-        _set_module(model, path, layer.merged_linear())
+@torch.no_grad()
+def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> nn.Module:
+    """Replace every LoRA layer with one dense nn.Linear holding base + update (quantized bases dequantized,
+    the update added in fp32, one rounding), dequantize the other quantized layers too, and return the model:
+    a plain model with no LoRA and no quantization left (never re-quantized) that runs without autocast.
+
+    dtype: of every floating-point parameter of the result. None: the dtype most of the model's dense
+        (unquantized, non-LoRA) weights have, i.e. the `dtype=` it was loaded with, whatever the quantized
+        layers' compute dtype: fp32 for the examples' QLoRA (fp32 load, bf16 compute), bf16 for a bf16 model.
+        Pass torch.bfloat16 to halve the result's size.
+    device: where the result lives (default: where the model is). device="cpu" merges a GPU model into host
+        memory: each layer is dequantized and merged on the GPU and moved at once.
+    Memory: layers are merged one at a time and each replaced layer is freed, so the device the merged model
+        ends up on needs its dense size (parameters x dtype size: ~27 GB for a 7B model in fp32, ~13.5 GB in
+        bf16), and the model's device additionally the not yet merged quantized layers and one layer's fp32
+        weight and update (2 x out x in x 4 bytes, ~0.36 GB for a 7B MLP projection).
+    """
+    layers = _require_lora(model)
+    dtype = dtype or _dense_dtype(model)
+    for path in list(layers):
+        _set_module(model, path, layers.pop(path).merged_linear(dtype, device))
     for path, module in list(model.named_modules()):
         if is_linear(module) and not isinstance(module, nn.Linear):
-            _set_module(model, path, dense_linear(module))
+            _set_module(model, path, dense_linear(module, dtype=dtype, device=device))
+    for p in model.parameters():  # embeddings, norms, heads; .data keeps tied parameters tied
+        if p.is_floating_point() and (p.dtype != dtype or device is not None):
+            p.data = p.data.to(device=device, dtype=dtype)
+    if device is not None:
+        model.to(device)  # buffers (rotary tables, ...)
     for attr in ("lora_config", "quant_config"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model
+
+
+def _dense_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype holding most elements of the model's weights, LoRA factors aside (quantized weights
+    are not floating); float32 when there are none."""
+    counts: dict[torch.dtype, int] = {}
+    skip = {id(p) for m in model.modules() if isinstance(m, LoraLinear) for p in (m.lora_A.weight, m.lora_B.weight)}
+    for p in model.parameters():
+        if p.is_floating_point() and id(p) not in skip:
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 def _require_lora(model: nn.Module) -> dict[str, LoraLinear]:

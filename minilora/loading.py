@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from minilora import load_checks
+from minilora.device import resolve_device
 from minilora.hub import resolve_model_dir
 from minilora.load_checks import MAX_NUM_LABELS
 from minilora.models import FAMILIES, model_classes
@@ -48,7 +49,9 @@ def from_pretrained(path_or_id: str | os.PathLike, task: str | None = None, num_
         checkpoint has none; a checkpoint head of another size is an error).
     dtype: dtype of the floating-point weights. None (or "auto") keeps the checkpoint's, like
         transformers v5: config.json `dtype`/`torch_dtype`, else the dtype most of the stored weights have.
-    device: where the weights are materialised (default CPU), one tensor at a time.
+    device: where the weights are materialised (and quantized), one tensor at a time. None: CUDA when
+        available (`cuda:LOCAL_RANK` under torchrun), else the CPU: `ml.resolve_device`, the same default as
+        `TrainConfig.device`, so a model loads where it will train. Pass "cpu" to load on the CPU.
     quantize: "nf4" | "fp4" | "int8" | a `QuantConfig`: quantize the linear layers while loading (QLoRA).
         A folder saved from a quantized model (config.json has `quantization_config`) loads quantized
         without it.
@@ -61,7 +64,7 @@ def from_pretrained(path_or_id: str | os.PathLike, task: str | None = None, num_
     if num_labels is not None:
         _set_num_labels(config_dict, num_labels)
     config_class, model_class = model_classes(config_dict, task)
-    device = torch.device(device if device is not None else "cpu")
+    device = resolve_device(device)
     with Checkpoint(model_dir) as checkpoint:
         config = _checked_config(config_class, config_dict, checkpoint, model_dir / "config.json")
         dtype = _resolve_dtype(dtype, config_dict, checkpoint)
@@ -245,26 +248,37 @@ def _load_weights(model: nn.Module, checkpoint: Checkpoint, config_dict: dict, d
                 model.init_weights(module)
         for n in own:
             if prefix + n in mapping:  # tied copies too: tie_weights() decides (T5 keeps a differing lm_head)
-                materialise(module, n, _read_as(checkpoint.lazy(mapping[prefix + n]), device, dtype))
+                materialise(module, n, _read_as(_lazy_for(checkpoint, mapping[prefix + n], device), device, dtype))
     model.tie_weights()
 
 
-READ_CHUNK_BYTES = 1 << 22
+READ_CHUNK_BYTES = 1 << 22  # CPU: a few rows at a time, so no stored copy of a large tensor exists
+DEVICE_READ_CHUNK_BYTES = 1 << 28  # to a GPU: a few large pieces (most tensors in one), copied asynchronously
 
 
 def _read_as(tensor: LazyTensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A checkpoint tensor on `device`, floating-point ones in `dtype`. Converted or moved a few rows at a time,
-    so a stored copy of a large tensor (e.g. the fp32 embeddings of a model loaded in bf16) never exists."""
+    so a stored copy of a large tensor (e.g. the fp32 embeddings of a model loaded in bf16) never exists in
+    host memory. To CUDA the pieces are large and read into pinned memory (see `_lazy_for`), so they copy
+    asynchronously (the next read overlaps the copy) and convert on the GPU."""
     dtype = dtype if tensor.dtype.is_floating_point else tensor.dtype
     if dtype == tensor.dtype and device.type == "cpu":
         return tensor.mapped()
     if not tensor.shape or not tensor.shape[0]:
         return tensor[:].to(device, dtype)
     out = torch.empty(tensor.shape, dtype=dtype, device=device)
-    rows = max(1, READ_CHUNK_BYTES // (tensor.shape.numel() // tensor.shape[0] * tensor.dtype.itemsize or 1))
+    chunk = READ_CHUNK_BYTES if device.type == "cpu" else DEVICE_READ_CHUNK_BYTES
+    rows = max(1, chunk // (tensor.shape.numel() // tensor.shape[0] * tensor.dtype.itemsize or 1))
     for start in range(0, tensor.shape[0], rows):
-        out[start:start + rows] = tensor[start:start + rows]
+        out[start:start + rows].copy_(tensor[start:start + rows], non_blocking=tensor.pin_memory)
     return out
+
+
+def _lazy_for(checkpoint: Checkpoint, key: str, device: torch.device) -> LazyTensor:
+    """`checkpoint.lazy(key)`, read into pinned host memory when bound for CUDA."""
+    lazy = checkpoint.lazy(key)
+    lazy.pin_memory = device.type == "cuda"
+    return lazy
 
 
 def _quantized_paths(model: nn.Module, qconfig, prequantized: bool, mapping: dict[str, str],
@@ -319,7 +333,7 @@ def _load_quantized(module: nn.Linear, path: str, mapping: dict[str, str], check
         return quant_format.load_prequantized_linear(tensors, module.in_features, module.out_features, qconfig,
                                                      device, prefix=prefix)
     # Read and quantized a few rows at a time: the full-precision matrix never exists.
-    weight = checkpoint.lazy(mapping[prefix + "weight"])
+    weight = _lazy_for(checkpoint, mapping[prefix + "weight"], device)
     bias = checkpoint.read(mapping[prefix + "bias"]) if module.bias is not None else None
     return quant.quantize_linear(weight, bias, qconfig, device, dtype)
 

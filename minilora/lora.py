@@ -148,7 +148,7 @@ class _LoraUpdate(torch.autograd.Function):
 
 def _runs_inside(base: nn.Module, x: torch.Tensor) -> bool:
     """Whether _LoraLinearFn can compute `base` itself: a frozen nn.Linear or quantized linear layer that
-    computes in x's dtype, with a frozen bias (or none) and no hooks, outside autocast."""
+    computes in x's dtype by dequantizing, with a frozen bias (or none) and no hooks, outside autocast."""
     if base._forward_hooks or base._forward_pre_hooks or torch.is_autocast_enabled(x.device.type):
         return False
     bias = base.bias
@@ -158,7 +158,8 @@ def _runs_inside(base: nn.Module, x: torch.Tensor) -> bool:
         return not base.weight.requires_grad and base.weight.dtype == x.dtype
     from minilora.quant import QuantizedLinear
 
-    return isinstance(base, QuantizedLinear) and (base.compute_dtype or x.dtype) == x.dtype
+    return (isinstance(base, QuantizedLinear) and (base.compute_dtype or x.dtype) == x.dtype
+            and not base.uses_bnb_matmul(x, bias))  # bitsandbytes' kernels (CUDA) run in the base's forward
 
 
 def _weight_in(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -224,19 +225,21 @@ class _LoraLinearFn(torch.autograd.Function):
 
 
 @torch.no_grad()
-def dense_linear(base: nn.Module, delta: torch.Tensor | None = None) -> nn.Linear:
-    """A frozen plain nn.Linear holding `base`'s weight (dequantized when quantized, in its compute dtype)
-    plus `delta` (out, in), added in fp32 before the one rounding to the layer's dtype."""
+def dense_linear(base: nn.Module, delta: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> nn.Linear:
+    """A frozen plain nn.Linear holding `base`'s weight (dequantized when quantized) plus `delta` (out, in),
+    added in fp32 on the base's device before the one rounding to `dtype` (default: the base's compute dtype
+    when quantized, else its weight dtype), then moved to `device` (default: the base's)."""
     quantized = hasattr(base, "dequantize")
-    w = base.dequantize(torch.float32) if quantized else base.weight.float()
-    dtype = (getattr(base, "compute_dtype", None) or torch.float32) if quantized else base.weight.dtype
+    w = base.dequantize(torch.float32) if quantized else base.weight.detach().float()
+    dtype = dtype or ((getattr(base, "compute_dtype", None) or torch.float32) if quantized else base.weight.dtype)
     merged = w if delta is None else w + delta.to(w.device)
     bias = getattr(base, "bias", None)
-    linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=dtype)
-    linear.weight.copy_(merged.to(dtype))
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")  # no wasted init
+    linear.weight = nn.Parameter(merged.to(device or w.device, dtype), requires_grad=False)
     if bias is not None:
-        linear.bias.copy_(bias.to(dtype))
-    return linear.requires_grad_(False)
+        linear.bias = nn.Parameter(bias.detach().to(device or w.device, dtype), requires_grad=False)
+    return linear
 
 
 class _MergedGuard(torch.autograd.Function):
@@ -347,9 +350,9 @@ class LoraLinear(nn.Module):
         w = self.base_layer.weight
         w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
 
-    def merged_linear(self) -> nn.Linear:
-        """A plain nn.Linear equal to this layer (base dequantized, LoRA added in fp32)."""
-        return dense_linear(self.base_layer, None if self.merged else self.delta_weight())
+    def merged_linear(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> nn.Linear:
+        """A plain nn.Linear equal to this layer (base dequantized, LoRA added in fp32), see `dense_linear`."""
+        return dense_linear(self.base_layer, None if self.merged else self.delta_weight(), dtype, device)
 
     # The base owns how its tensors are saved, loaded and moved (a quantized base keeps its quantization
     # state beside the packed weight); the LoRA children are handled as usual.

@@ -32,9 +32,13 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KEEP_DENSE_BY_MODEL_TYPE = {"t5": ("wo",)}
 
 
+MIN_BITSANDBYTES = (0, 46)  # the first with torch.ops.bitsandbytes.*, which the layers call directly
+MIN_BITSANDBYTES_BLOCKSIZE_32_CUDA = (0, 49)  # CUDA 4-bit kernels take blocksize 32 from 0.49 on
+
+
 @functools.cache
 def _bnb():
-    """bitsandbytes, imported on first use (slow to import; only quantized models need it)."""
+    """bitsandbytes, imported on first use (slow to import; only quantized models need it), version checked."""
     # On CPUs with AVX512-BF16, bitsandbytes warns at import that an optional inference-only kernel package
     # is missing. minilora never takes that path (see _FrozenLinearFn), so the warning is noise.
     cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
@@ -43,9 +47,38 @@ def _bnb():
     try:
         import bitsandbytes
         import bitsandbytes.functional
+    except ImportError as e:
+        raise ImportError(f"quantized models (QLoRA, int8) need bitsandbytes >= {_dotted(MIN_BITSANDBYTES)}: "
+                          f"pip install 'bitsandbytes>={_dotted(MIN_BITSANDBYTES)}' ({e})") from e
     finally:
         cpu_ops_log.setLevel(level)
+    if bnb_version(bitsandbytes) < MIN_BITSANDBYTES:
+        raise ImportError(f"minilora's quantized layers need bitsandbytes >= {_dotted(MIN_BITSANDBYTES)} (they call "
+                          f"torch.ops.bitsandbytes.*), found {bitsandbytes.__version__} at {bitsandbytes.__file__}: "
+                          f"pip install -U 'bitsandbytes>={_dotted(MIN_BITSANDBYTES)}'")
+    # LLM.int8 casts bf16 activations to fp16 to quantize them, and logs so at every call: minilora asks for it.
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+        lambda record: "inputs will be cast from" not in record.getMessage())
     return bitsandbytes
+
+
+def bnb_version(module=None) -> tuple[int, ...]:
+    """bitsandbytes' (major, minor) version, e.g. (0, 46) for "0.46.1" or "0.46.0.dev0"."""
+    version = (module or _bnb()).__version__
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else (0, 0)
+
+
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
+
+
+def check_blocksize(blocksize: int, device: torch.device) -> None:
+    """Raise a ValueError naming QuantConfig.blocksize when the installed bitsandbytes cannot use it on `device`."""
+    if blocksize == 32 and device.type == "cuda" and bnb_version() < MIN_BITSANDBYTES_BLOCKSIZE_32_CUDA:
+        needed = _dotted(MIN_BITSANDBYTES_BLOCKSIZE_32_CUDA)
+        raise ValueError(f"QuantConfig.blocksize=32 needs bitsandbytes >= {needed} on CUDA (earlier CUDA kernels "
+                         f"take 64..4096), found {_bnb().__version__}: use blocksize=64 or upgrade bitsandbytes")
 
 
 @dataclass
@@ -60,8 +93,10 @@ class QuantConfig:
         boundary, a regex, or a suffix). None keeps the output head dense; a list replaces that default, so
         name the head (["lm_head", ...]) to keep it dense, or pass [] to quantize it too. New task heads, a
         head tied to the embeddings and T5's `wo` always stay dense.
-    int8_threshold: LLM.int8's outlier threshold, only written to config.json: the int8 layer dequantizes
-        its weight rather than quantizing activations (bitsandbytes' own CPU training path: faster, exact).
+    int8_threshold: LLM.int8's outlier threshold, used where the int8 layer runs LLM.int8 (CUDA): input
+        feature columns holding a value beyond it are multiplied in 16 bits, the rest in int8 (0: all int8).
+        On the CPU the int8 layer dequantizes its weight instead and the threshold has no effect (see
+        Int8Linear). Written to config.json as transformers' llm_int8_threshold.
     """
 
     quant_type: str = "nf4"
@@ -81,6 +116,11 @@ class QuantConfig:
                              f"got {self.compute_dtype!r}")
         if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"QuantConfig.blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
+        if self.blocksize == 32 and self.quant_type != "int8" and torch.cuda.is_available():
+            try:  # CUDA is the default device: check now (quantize_linear checks again, knowing the device)
+                check_blocksize(self.blocksize, torch.device("cuda"))
+            except ImportError:
+                pass  # no usable bitsandbytes: loading says so
         if isinstance(self.skip_modules, str):
             self.skip_modules = [self.skip_modules]
         if self.skip_modules is not None and not all(isinstance(s, str) and s for s in self.skip_modules):
@@ -168,8 +208,15 @@ class _FrozenLinearFn(torch.autograd.Function):
         return grad_x, None, grad_bias
 
 
+# Devices where the layers call bitsandbytes' own matmul kernels (see NF4Linear / Int8Linear.uses_bnb_matmul);
+# elsewhere they dequantize the weight and multiply densely (_FrozenLinearFn).
+BNB_MATMUL_DEVICES = ("cuda",)
+DECODE_MAX_ROWS = 16  # 4-bit products of at most this many rows without gradients count as decoding
+
+
 class QuantizedLinear(nn.Module):
-    """What both layer types share: frozen packed weight, optional bias, forward through _FrozenLinearFn."""
+    """What both layer types share: frozen packed weight, optional bias, forward through _FrozenLinearFn or,
+    where `uses_bnb_matmul` says so, bitsandbytes' own matmul."""
 
     in_features: int
     out_features: int
@@ -186,7 +233,16 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
-        return _FrozenLinearFn.apply(x.to(dtype), self, bias).to(x.dtype)
+        h = x.to(dtype)
+        if self.uses_bnb_matmul(h, bias):
+            return self.bnb_matmul(h, bias).to(x.dtype)
+        return _FrozenLinearFn.apply(h, self, bias).to(x.dtype)
+
+    def uses_bnb_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        return False
+
+    def bnb_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -225,6 +281,9 @@ class NF4Linear(QuantizedLinear):
 
     `weight` is a bitsandbytes `Params4bit`: the packed (out*in/2, 1) uint8 data plus its `quant_state`
     (per-block absmax scales, themselves 8-bit quantized with double quantization).
+    Decoding on CUDA (at most DECODE_MAX_ROWS rows, no gradient) runs `bitsandbytes.matmul_4bit`, whose 4-bit
+    GEMV / fused kernels read the packed weight instead of dequantizing all of it at every token; training,
+    prefill and every CPU product dequantize the weight and run one dense GEMM (fast on CPU).
     """
 
     def __init__(self, weight: nn.Parameter, bias: torch.Tensor | None = None,
@@ -254,21 +313,52 @@ class NF4Linear(QuantizedLinear):
         for key, value in self.weight.quant_state.as_dict(packed=True).items():
             destination[prefix + "weight." + key] = value if keep_vars else value.detach()
 
+    def uses_bnb_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+        return decodes_with_matmul_4bit(x.device, x.numel() // max(x.shape[-1], 1), needs_grad)
+
+    def bnb_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # Linear4bit's call: the transposed packed weight (bitsandbytes >= 0.46 reads both orientations).
+        return _bnb().matmul_4bit(x, self.weight.t(), quant_state=self.weight.quant_state, bias=bias)
+
 
 class Int8Linear(QuantizedLinear):
     """A frozen linear layer stored as LLM.int8 weights: int8 (out, in) rows `weight` and fp32 row scales
-    `SCB` (W ~= weight * SCB / 127)."""
+    `SCB` (W ~= weight * SCB / 127).
+
+    Which product runs depends on the device, as in bitsandbytes' Linear8bitLt (what transformers'
+    load_in_8bit runs):
+    - CUDA: LLM.int8 proper (`bitsandbytes.matmul`): the input rows are quantized to int8 too, except the
+      feature columns holding a value beyond `threshold` (QuantConfig.int8_threshold), which are multiplied
+      in 16 bits; the int8 product is rescaled. Inputs are quantized through fp16.
+    - elsewhere (CPU): the weight is dequantized (weight * SCB / 127) and multiplied densely in the compute
+      dtype, bit for bit bitsandbytes' CPU training path; exact for the stored weights, `threshold` unused.
+    The input gradient is always the dense product with the dequantized weight.
+    """
 
     quant_type = "int8"
     state_names = ("weight", "SCB", "weight_format")
 
     def __init__(self, weight: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None,
-                 compute_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None, threshold: float = 6.0):
         super().__init__(compute_dtype)
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = _frozen(bias)
         self.register_buffer("SCB", scb.float())
         self.out_features, self.in_features = weight.shape
+        self.threshold = float(threshold)
+
+    def uses_bnb_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        return x.device.type in BNB_MATMUL_DEVICES
+
+    def bnb_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        bnb = _bnb()
+        state = bnb.MatmulLtState()  # fresh per call: bitsandbytes keeps per-call outlier columns in it
+        state.CB, state.SCB, state.threshold = self.weight.data, self.SCB, self.threshold
+        state.has_fp16_weights, state.is_training = False, False  # is_training=False: LLM.int8 on any device
+        # 2-D: bitsandbytes' bias gradient sums over the first dimension only
+        out = bnb.matmul(x.reshape(-1, x.shape[-1]), self.weight, bias=bias, state=state)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense (out, in) weight in `dtype` (default: the compute dtype, else fp32)."""
@@ -289,6 +379,15 @@ class Int8Linear(QuantizedLinear):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)  # bnb's "row" layout
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, threshold={self.threshold:g}"
+
+
+def decodes_with_matmul_4bit(device: torch.device, rows: int, needs_grad: bool) -> bool:
+    """Whether a 4-bit product of `rows` input rows goes through bitsandbytes.matmul_4bit: on CUDA, without
+    gradients, for at most DECODE_MAX_ROWS rows (decoding a token per sequence)."""
+    return device.type in BNB_MATMUL_DEVICES and not needs_grad and rows <= DECODE_MAX_ROWS
+
 
 def _frozen(bias: torch.Tensor | None) -> nn.Parameter | None:
     return None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
@@ -298,7 +397,9 @@ def _frozen(bias: torch.Tensor | None) -> nn.Parameter | None:
 # Building layers: from a dense weight, or from a checkpoint's packed tensors
 
 
-QUANTIZE_CHUNK_ELEMENTS = 1 << 18  # weights per bitsandbytes call: its temporaries stay ~5 MB
+QUANTIZE_CHUNK_ELEMENTS = 1 << 18  # weights per bitsandbytes call on the CPU: its temporaries stay ~5 MB
+# Elsewhere (GPUs): few, large calls (most matrices in one), not thousands of small synchronous copies.
+DEVICE_QUANTIZE_CHUNK_ELEMENTS = 1 << 26
 
 
 def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, qconfig: QuantConfig,
@@ -306,9 +407,10 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, qconfig: Qu
     """A frozen NF4Linear / Int8Linear holding `weight` (out, in) quantized on `device` (default: its own).
 
     `weight` is a tensor, or anything with `.shape`, `.dtype` and row ranges `weight[a:b]` as tensors (a
-    checkpoint tensor read lazily). It is quantized a few rows at a time, cast to `dtype` (default: its own)
-    on the way: bitsandbytes' temporaries stay small and no full-precision copy of the matrix is made. The
-    result is bit for bit what one bitsandbytes call on the whole matrix gives.
+    checkpoint tensor read lazily). It is quantized a few rows at a time on the CPU (a few large pieces on a
+    GPU), cast to `dtype` (default: its own) on the way: bitsandbytes' temporaries stay small and no
+    full-precision copy of the matrix is made. The result is bit for bit what one bitsandbytes call on the
+    whole matrix gives.
     """
     shape = tuple(weight.shape)
     if len(shape) != 2 or not weight.dtype.is_floating_point:
@@ -316,6 +418,8 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, qconfig: Qu
     if bias is not None and tuple(bias.shape) != shape[:1]:
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({shape[0]},) for the weight")
     device = torch.device(device) if device is not None else getattr(weight, "device", torch.device("cpu"))
+    if qconfig.quant_type != "int8":
+        check_blocksize(qconfig.blocksize, device)
     dtype = dtype or weight.dtype
     if dtype not in COMPUTE_DTYPES:
         dtype = torch.float32
@@ -323,10 +427,13 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, qconfig: Qu
     four_bit = qconfig.quant_type != "int8"
     # A chunk of whole rows holding whole 4-bit blocks, so blocks (and packed byte pairs) never straddle chunks.
     rows_step = qconfig.blocksize // math.gcd(shape[1], qconfig.blocksize) if four_bit else 1
-    rows = max(rows_step, QUANTIZE_CHUNK_ELEMENTS // max(shape[1], 1) // rows_step * rows_step)
-    chunks = (weight[a:a + rows].detach().to(device, dtype) for a in range(0, shape[0], rows))
+    chunk = QUANTIZE_CHUNK_ELEMENTS if device.type == "cpu" else DEVICE_QUANTIZE_CHUNK_ELEMENTS
+    rows = max(rows_step, chunk // max(shape[1], 1) // rows_step * rows_step)
+    # To CUDA, non_blocking: rows read into pinned memory (a checkpoint tensor bound there) copy asynchronously
+    to_cuda = device.type == "cuda"
+    chunks = (weight[a:a + rows].detach().to(device, dtype, non_blocking=to_cuda) for a in range(0, shape[0], rows))
     if not four_bit:
-        return Int8Linear(*_quantize_int8(chunks, shape, device), bias, qconfig.compute_dtype)
+        return Int8Linear(*_quantize_int8(chunks, shape, device), bias, qconfig.compute_dtype, qconfig.int8_threshold)
     return NF4Linear(_quantize_4bit(chunks, shape, dtype, qconfig, device), bias, qconfig.compute_dtype)
 
 

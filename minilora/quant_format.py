@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from minilora.quant import Int8Linear, NF4Linear, QuantConfig, _bnb, _frozen
+from minilora.quant import Int8Linear, NF4Linear, QuantConfig, _bnb, _frozen, check_blocksize
 
 FOUR_BIT_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")  # under "weight."
 
@@ -38,6 +38,8 @@ def load_prequantized_linear(tensors: dict[str, torch.Tensor], in_features: int,
             raise ValueError(f"{prefix}bias has shape {tuple(tensors['bias'].shape)}, expected ({out_features},)")
         layer.bias = _frozen(tensors["bias"].to(device))
     layer.compute_dtype = qconfig.compute_dtype
+    if isinstance(layer, Int8Linear):
+        layer.threshold = qconfig.int8_threshold
     return layer
 
 
@@ -65,6 +67,8 @@ def _load_4bit(tensors: dict[str, torch.Tensor], in_features: int, out_features:
     if packed.numel() * packed.element_size() != n_bytes:
         raise ValueError(f"{prefix}weight has {packed.numel() * packed.element_size()} bytes, expected {n_bytes} "
                          f"(packed 4-bit ({out_features}, {in_features}))")
+    if isinstance(blob.get("blocksize"), int):
+        check_blocksize(blob["blocksize"], device)
     stats = {k: v for k, v in tensors.items() if k.startswith("weight.")}
     unknown = sorted(set(stats) - {f"weight.{k}" for k in FOUR_BIT_STATE_KEYS} - {blob_key})
     if unknown:

@@ -51,6 +51,7 @@ class TrainState:
     samples_seen: int = 0
     num_examples: int = 0  # the permutation depends on it: resuming needs the same data
     data_fingerprint: str = ""  # `data_fingerprint(train_data)`: resuming on other data warns
+    grad_scaler: dict | None = None  # fp16: torch.amp.GradScaler's state (loss scale, growth tracker)
 
 
 def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, config: TrainConfig,
@@ -195,7 +196,9 @@ def load_trainer_state(checkpoint: Path, config: TrainConfig, world: int, n_exam
     if fingerprint and saved.get("data_fingerprint") not in (None, "", fingerprint):
         warnings.warn(f"resuming from {checkpoint} on different training data (same number of examples, other "
                       "content): the rest of the run will not match an uninterrupted one", stacklevel=3)
-    state = TrainState(**{k: saved[k] for k in asdict(TrainState()) if k != "data_fingerprint"})
+    optional = {"grad_scaler"}  # absent from checkpoints written before fp16 training existed
+    state = TrainState(**{k: saved[k] for k in asdict(TrainState())
+                          if k != "data_fingerprint" and (k in saved or k not in optional)})
     state.data_fingerprint = fingerprint
     return state
 

@@ -102,9 +102,10 @@ class SafetensorsFile:
     def dtype(self, key: str) -> torch.dtype:
         return SAFETENSORS_DTYPES[self.entries[key]["dtype"]]
 
-    def read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+    def read(self, key: str, start: int | None = None, stop: int | None = None,
+             pin_memory: bool = False) -> torch.Tensor:
         """The tensor `key` (or its rows [start, stop) along dim 0) as a new CPU tensor in its stored dtype,
-        read with `readinto`."""
+        read with `readinto` (into page-locked memory with `pin_memory`, for asynchronous copies to a GPU)."""
         if key not in self.entries:
             raise KeyError(f"{self.path} has no tensor {key!r}")
         shape = self.shape(key)
@@ -117,7 +118,7 @@ class SafetensorsFile:
             row_bytes = (end - begin) // shape[0] if shape[0] else 0
             begin, end = begin + start * row_bytes, begin + stop * row_bytes
             shape = torch.Size((stop - start, *shape[1:]))
-        tensor = torch.empty(shape, dtype=self.dtype(key))
+        tensor = torch.empty(shape, dtype=self.dtype(key), pin_memory=pin_memory)
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
         self._file.seek(self.data_start + begin)
         done = 0
@@ -178,16 +179,17 @@ def _check_tiling(header: dict[str, dict], data_len: int, corrupt) -> None:
 
 
 class LazyTensor:
-    """A tensor of an open SafetensorsFile, not read yet: `.shape`, `.dtype`, and `t[a:b]` reads rows a to b."""
+    """A tensor of an open SafetensorsFile, not read yet: `.shape`, `.dtype`, and `t[a:b]` reads rows a to b
+    (into page-locked memory when `pin_memory` is set: rows bound for a GPU then copy asynchronously)."""
 
-    def __init__(self, file: SafetensorsFile, key: str):
-        self.file, self.key = file, key
+    def __init__(self, file: SafetensorsFile, key: str, pin_memory: bool = False):
+        self.file, self.key, self.pin_memory = file, key, pin_memory
         self.shape, self.dtype = file.shape(key), file.dtype(key)
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         if not isinstance(rows, slice) or rows.step not in (None, 1):
             raise TypeError(f"LazyTensor reads contiguous row ranges t[a:b], got {rows!r}")
-        return self.file.read(self.key, rows.start, rows.stop)
+        return self.file.read(self.key, rows.start, rows.stop, self.pin_memory)
 
     def mapped(self) -> torch.Tensor:
         return self.file.mapped(self.key)

@@ -1,7 +1,8 @@
 """The training loop: a plain PyTorch loop, readable top to bottom.
 
 AdamW (torch or bitsandbytes 8-bit/paged), warmup + constant/linear/cosine schedule, gradient accumulation,
-clipping, bf16 autocast, periodic eval, JSONL metrics, atomic resumable checkpoints, and DDP under torchrun.
+clipping, bf16 autocast (or fp16 with loss scaling), periodic eval, JSONL metrics, atomic resumable
+checkpoints, and DDP under torchrun.
 
 Checkpoints (what they hold, how they are written) live in minilora/resume.py.
 """
@@ -29,6 +30,7 @@ from .checkpointing import enable_gradient_checkpointing
 from .checks import check_fields, check_number
 from .data.collate import Collator
 from .output_lock import output_dir_lock
+from .device import resolve_device
 from .plot import plot_metrics
 from .resume import (TrainState, data_fingerprint, find_checkpoint, load_trainable_weights, load_trainer_state,
                      read_tree, remove_unfinished_checkpoints, save_checkpoint, set_rng_state)
@@ -57,6 +59,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0  # used when warmup_steps == 0: ceil(ratio * total steps)
     max_grad_norm: float | None = 1.0  # None or 0: no clipping (the norm is still logged)
     bf16: bool = False  # bfloat16 autocast for forward passes
+    fp16: bool = False  # float16 autocast with loss scaling (torch.amp.GradScaler), for GPUs without bf16
     gradient_checkpointing: bool = False
     seed: int = 42  # python, numpy, torch and the data order
     shuffle: bool = True
@@ -67,7 +70,7 @@ class TrainConfig:
     resume_from: str | None = None  # a checkpoint folder or "latest" (newest in output_dir)
     progress_bar: bool = True
     plot: bool = True  # write output_dir/loss.png at the end when matplotlib is installed
-    device: str | None = None  # default: cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
+    device: str | None = None  # None: cuda if available, else cpu; a bare cuda is cuda:LOCAL_RANK under torchrun
     ddp_find_unused_parameters: bool = False
 
     def __post_init__(self):
@@ -90,6 +93,8 @@ def validate_train_config(config: TrainConfig) -> None:
     if isinstance(config.device, torch.device):
         config.device = str(config.device)
     check_fields(config, "TrainConfig")
+    if config.bf16 and config.fp16:
+        raise ValueError("TrainConfig: bf16 and fp16 are exclusive (bf16 needs no loss scaling: prefer it)")
     if config.optim not in OPTIMIZERS:
         raise ValueError(f"TrainConfig.optim must be one of {OPTIMIZERS}, got {config.optim!r}")
     if config.lr_scheduler not in SCHEDULES:
@@ -214,6 +219,7 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig | No
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=device_ids, find_unused_parameters=config.ddp_find_unused_parameters)
     optimizer = build_optimizer(model, config)
+    scaler = _grad_scaler(model, config, device, state)
     if checkpoint:
         optimizer.load_state_dict(read_tree(checkpoint / "optimizer"))
         set_rng_state(read_tree(checkpoint / f"rng_state_{rank}"))
@@ -235,21 +241,25 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig | No
     log_loss, log_steps, log_tokens = 0.0, 0, 0
     last_eval_step, last_save_step = -1, state.global_step if checkpoint else -1
     eval_metrics: dict[str, float] = {}
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.float16 if config.fp16 else torch.bfloat16,
+                              enabled=config.bf16 or config.fp16)
     run_eval = partial(evaluate, model, eval_data, batch_size=config.eval_batch_size or config.batch_size,
-                       collate_fn=collate_fn, compute_metrics=compute_metrics, bf16=config.bf16)
+                       collate_fn=collate_fn, compute_metrics=compute_metrics, bf16=config.bf16, fp16=config.fp16)
 
     ddp_model.train()
     while state.global_step < total_steps:
         groups = _epoch_groups(len(train_data), state.epoch, config, rank, world)
         for group in groups[state.step_in_epoch:]:
             micro_batches = [[train_data[j] for j in indices] for indices in group]
-            totals = _forward_backward(ddp_model, micro_batches, collate_fn, device, autocast, world)
+            totals = _forward_backward(ddp_model, micro_batches, collate_fn, device, autocast, world, scaler)
             loss_sum, tokens, samples = totals.tolist()
             step_loss = loss_sum / (len(group) * world)  # the global mean of the micro-batch losses
+            scaler.unscale_(optimizer)  # fp16: the true gradients, before clipping
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                        config.max_grad_norm or float("inf")).item()
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            # fp16: inf/NaN gradients mean the loss scale was too high; GradScaler skips the update, lowers it
+            scale_overflow = config.fp16 and not math.isfinite(grad_norm)
+            if not (math.isfinite(step_loss) and (math.isfinite(grad_norm) or scale_overflow)):
                 last = f"{out_dir}/checkpoint-{last_save_step}" if last_save_step > 0 else "none saved yet"
                 raise FloatingPointError(
                     f"training diverged at step {state.global_step + 1} (epoch {state.epoch}): loss={step_loss}, "
@@ -258,7 +268,8 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig | No
             lr = config.learning_rate * lr_factor(state.global_step, total_steps, warmup, config.lr_scheduler)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            optimizer.step()
+            scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
             state.global_step += 1
@@ -276,7 +287,8 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig | No
             if state.global_step % config.logging_steps == 0 or done:
                 now = time.perf_counter()
                 record = {"step": state.global_step, "epoch": epoch_float, "loss": log_loss / log_steps, "lr": lr,
-                          "grad_norm": grad_norm, "tokens_per_s": log_tokens / max(now - last_log_time, 1e-9)}
+                          "grad_norm": grad_norm if math.isfinite(grad_norm) else None,  # None: an fp16 skip
+                          "tokens_per_s": log_tokens / max(now - last_log_time, 1e-9)}
                 if rank == 0:
                     _append_jsonl(metrics_file, record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
@@ -288,6 +300,7 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig | No
                     _append_jsonl(metrics_file, {"step": state.global_step, "epoch": epoch_float, **eval_metrics})
                 ddp_model.train()
             if config.save_steps and (done or state.global_step % config.save_steps == 0):
+                state.grad_scaler = scaler.state_dict() or None  # fp16: the resumed run scales alike
                 save_checkpoint(model, optimizer, state, config, rank, world)
                 last_save_step = state.global_step
             if done:
@@ -314,7 +327,7 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig | No
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Sequence[dict], *, batch_size: int = 8, collate_fn: Callable | None = None,
-             compute_metrics: Callable | None = None, bf16: bool = False) -> dict[str, float]:
+             compute_metrics: Callable | None = None, bf16: bool = False, fp16: bool = False) -> dict[str, float]:
     """{"eval_loss": ..., **eval_<metric>} of `model` on `data` (mean batch loss weighted by batch size).
 
     `compute_metrics(predictions, data)` receives, for each output the model returns among logits /
@@ -332,7 +345,8 @@ def evaluate(model: nn.Module, data: Sequence[dict], *, batch_size: int = 8, col
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         batch = {k: v.to(device) for k, v in collate_fn([data[i] for i in chunk]).items()}
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device_type=device.type, dtype=torch.float16 if fp16 else torch.bfloat16,
+                            enabled=bf16 or fp16):
             out = model(**batch)
         loss = _field(out, "loss")
         if loss is not None:
@@ -346,9 +360,9 @@ def evaluate(model: nn.Module, data: Sequence[dict], *, batch_size: int = 8, col
                         rows[i] = _unpad(value[row].float().cpu().numpy(), data[i], batch)
     model.train(was_training)
 
-    totals = torch.tensor([loss_sum, count], dtype=torch.float64, device=device)
+    totals = torch.tensor([loss_sum, count], dtype=torch.float64)  # on the host: MPS has no float64
     if world > 1:
-        dist.all_reduce(totals)
+        totals = _all_reduce_sum(totals, device)
         gathered = [None] * world
         dist.all_gather_object(gathered, outputs)
         outputs = {name: {i: a for part in gathered for i, a in part.get(name, {}).items()} for name in outputs}
@@ -365,11 +379,7 @@ def evaluate(model: nn.Module, data: Sequence[dict], *, batch_size: int = 8, col
 def _setup_distributed(config: TrainConfig) -> tuple[torch.device, int, int, bool]:
     """(device, rank, world_size, whether we created the process group). torchrun sets WORLD_SIZE etc."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    name = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+    device = resolve_device(config.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world == 1:
@@ -398,14 +408,28 @@ def _epoch_groups(n: int, epoch: int, config: TrainConfig, rank: int, world: int
     return [batches[i:i + k] for i in range(0, len(batches), k)]
 
 
+def _grad_scaler(model: nn.Module, config: TrainConfig, device: torch.device, state: TrainState
+                 ) -> torch.amp.GradScaler:
+    """fp16's loss scaling (a no-op object otherwise), restored from a checkpoint's state."""
+    if config.fp16:
+        half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+        if half:
+            raise ValueError(f"TrainConfig.fp16 computes in fp16 but updates fp32 parameters; these trainable "
+                             f"parameters are float16: {half[:5]}. Keep them in fp32 (LoRA factors are), or use bf16")
+    scaler = torch.amp.GradScaler(device.type, enabled=config.fp16)
+    if config.fp16 and state.grad_scaler:
+        scaler.load_state_dict(state.grad_scaler)
+    return scaler
+
+
 def _forward_backward(ddp_model: nn.Module, micro_batches: list[list[dict]], collate_fn: Callable,
-                      device: torch.device, autocast, world: int) -> torch.Tensor:
+                      device: torch.device, autocast, world: int, scaler: torch.amp.GradScaler) -> torch.Tensor:
     """Accumulate the gradients of one optimizer step; returns [loss sum, tokens, samples] over all ranks.
 
     Each micro-batch loss is divided by their number so the gradients average. Under DDP gradients are
     all-reduced on the last micro-batch only (`no_sync` before it).
     """
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    totals = torch.zeros(3, dtype=torch.float64)  # on the host: MPS has no float64
     for i, features in enumerate(micro_batches):
         batch = {k: v.to(device) for k, v in collate_fn(features).items()}
         sync = world == 1 or i == len(micro_batches) - 1
@@ -415,12 +439,22 @@ def _forward_backward(ddp_model: nn.Module, micro_batches: list[list[dict]], col
             if loss is None:
                 raise ValueError(f"the model returned no loss for a batch with keys {sorted(batch)}: "
                                  "training needs labels in the features")
-            (loss / len(micro_batches)).backward()
-        totals += torch.tensor([loss.item(), _count_tokens(batch), len(features)], dtype=torch.float64,
-                               device=device)
+            scaler.scale(loss / len(micro_batches)).backward()  # scale: fp16 only
+        totals += torch.tensor([loss.item(), _count_tokens(batch), len(features)], dtype=torch.float64)
     if world > 1:
-        dist.all_reduce(totals)
+        totals = _all_reduce_sum(totals, device)
     return totals
+
+
+def _all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The sum over all ranks of a small host tensor of counts and sums (float64: exact); NCCL reduces only
+    tensors on the GPU, so there it travels through `device`."""
+    if dist.get_backend() == "nccl":
+        values = values.to(device)
+        dist.all_reduce(values)
+        return values.cpu()
+    dist.all_reduce(values)
+    return values
 
 
 def _count_tokens(batch: dict) -> int:

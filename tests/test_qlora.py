@@ -125,3 +125,34 @@ def test_an_explicit_skip_list_replaces_the_default_like_transformers(tmp_path, 
     model = ml.from_pretrained(tmp_path / "tied", quantize=ml.QuantConfig("nf4", skip_modules=[]))
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
     assert isinstance(model.model.layers[0].mlp.down_proj, quant.NF4Linear)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_merge_and_unload_of_the_examples_qlora_is_one_dtype_and_runs_without_autocast(llama_dir, quant_type):
+    """The examples' QLoRA precision: fp32 load, bf16 compute. The merged model comes back in fp32 (the load
+    dtype) everywhere, so forward and generate need no autocast; dtype= picks another one."""
+    def qlora():
+        model = ml.from_pretrained(llama_dir, dtype=torch.float32,
+                                   quantize=ml.QuantConfig(quant_type, compute_dtype=torch.bfloat16))
+        torch.manual_seed(0)  # the same LoRA A both times
+        return with_random_lora_b(ml.apply_lora(model, ml.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)))
+
+    model = qlora()
+    with torch.no_grad():
+        before = model(IDS).logits.float()
+    merged = ml.merge_and_unload(model)
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    assert all(type(m) is nn.Linear for m in merged.modules() if hasattr(m, "in_features"))
+    with torch.no_grad():
+        after = merged(IDS).logits
+    assert after.dtype == torch.float32
+    assert (after - before).abs().max() < 0.05 * before.abs().max()  # bf16 compute before, fp32 after
+    out = ml.generate(merged, IDS[:1, :5], max_new_tokens=4, eos_token_id=[])
+    assert out.shape == (1, 9)
+
+    half = ml.merge_and_unload(qlora(), dtype=torch.bfloat16, device="cpu")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert {t.device.type for t in [*half.parameters(), *half.buffers()]} == {"cpu"}
+    assert ml.generate(half, IDS[:1, :5], max_new_tokens=4, eos_token_id=[]).shape == (1, 9)
+    q = half.model.layers[0].self_attn.q_proj.weight
+    torch.testing.assert_close(q.float(), merged.model.layers[0].self_attn.q_proj.weight, rtol=1e-2, atol=1e-3)

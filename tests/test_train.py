@@ -347,3 +347,71 @@ def test_max_steps_overrides_num_epochs_and_crosses_epochs(tmp_path):
                                                                       logging_steps=1))
     assert summary["global_step"] == 6 and summary["epoch"] == 1.5
     assert [r["epoch"] for r in _read_metrics(tmp_path)] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+
+
+# --- fp16: loss scaling ---------------------------------------------------------------------------------------
+
+def _fp16_run(tmp_path, monkeypatch, init_scale: float, **kw):
+    """fp16 training of TinyClassifier on the CPU, with GradScaler's starting scale set to `init_scale`."""
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda *a, **k: real(*a, **{**k, "init_scale": init_scale}))
+    torch.manual_seed(0)
+    model = TinyClassifier(hidden=16)
+    train(model, classification_data(16), _config(tmp_path, batch_size=4, fp16=True, logging_steps=1,
+                                                  learning_rate=1e-2, **kw))
+    return model
+
+
+def test_fp16_scales_the_loss_and_skips_the_steps_whose_gradients_overflow(tmp_path, monkeypatch):
+    """A loss scale of 2^20 overflows fp16 gradients: those steps update nothing and halve the scale (no
+    divergence error), until the scale fits and the steps that follow update the model."""
+    from minilora.resume import read_tree
+
+    model = _fp16_run(tmp_path, monkeypatch, 2.0 ** 20, max_steps=8, save_steps=8)
+    norms = [r["grad_norm"] for r in _read_metrics(tmp_path) if "grad_norm" in r]
+    skipped = norms.count(None)
+    assert len(norms) == 8 and 0 < skipped < 8 and norms[:skipped] == [None] * skipped
+    checkpoint = tmp_path / "out" / "checkpoint-8"
+    optimizer = read_tree(checkpoint / "optimizer")
+    assert all(int(s["step"]) == 8 - skipped for s in optimizer["state"].values())  # skipped: no AdamW step
+    scaler = json.loads((checkpoint / "trainer_state.json").read_text())["grad_scaler"]
+    assert scaler["scale"] == 2.0 ** 20 * 0.5 ** skipped
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # fp16 compute, fp32 weights
+
+
+def test_fp16_resumes_bitwise_with_the_loss_scale_of_the_checkpoint(tmp_path, monkeypatch):
+    full = _fp16_run(tmp_path / "full", monkeypatch, 2.0 ** 20, max_steps=8, save_steps=4)
+    norms = [r["grad_norm"] for r in _read_metrics(tmp_path / "full") if "grad_norm" in r]
+    assert 0 < norms[:4].count(None) < 4  # the checkpoint's scale differs from the starting one
+    resumed = _fp16_run(tmp_path / "resumed", monkeypatch, 2.0 ** 20, max_steps=8, save_steps=4,
+                        resume_from=str(tmp_path / "full" / "out" / "checkpoint-4"))
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert TrainConfig(fp16=True).fp16
+    with pytest.raises(ValueError, match="bf16 and fp16 are exclusive"):
+        TrainConfig(bf16=True, fp16=True)
+    half = TinyClassifier().half()
+    with pytest.raises(ValueError, match="trainable parameters are float16"):
+        train(half, classification_data(4), _config(tmp_path / "half", fp16=True))
+
+
+def test_the_loop_puts_no_float64_tensor_on_the_training_device(tmp_path):
+    """MPS has no float64: the loss, token and sample sums stay on the host."""
+    from torch.overrides import TorchFunctionMode
+
+    class Float64OnDevice(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if kwargs.get("dtype") == torch.float64 and kwargs.get("device") is not None:
+                self.seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **kwargs)
+    model = TinyClassifier()
+    with Float64OnDevice() as mode:
+        train(model, classification_data(8), _config(tmp_path, batch_size=4, gradient_accumulation_steps=2),
+              eval_data=classification_data(4))
+    assert mode.seen == []
