@@ -29,6 +29,7 @@ FAMILIES: dict[str, ModelFamily] = {
         },
         "base",
     ),
+    "t5": ModelFamily("minilora.models.t5", "T5Config", {"seq2seq": "T5ForConditionalGeneration"}, "seq2seq"),
     "roberta": ModelFamily(
         "minilora.models.roberta",
         "RobertaConfig",
@@ -49,7 +50,6 @@ FAMILIES: dict[str, ModelFamily] = {
         },
         "base",
     ),
-    "t5": ModelFamily("minilora.models.t5", "T5Config", {"seq2seq": "T5ForConditionalGeneration"}, "seq2seq"),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
