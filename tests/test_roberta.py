@@ -316,3 +316,46 @@ def test_nf4_matches_transformers_bitsandbytes(tmp_path, family, task):
         got, want, full = outputs(ours(**batch), task), outputs(theirs(**batch), task), outputs(hf(**batch), task)
     assert_all_close(got, want, atol=1e-4)
     assert (got[0] - full[0]).abs().max() > 1e-3  # really quantized
+
+
+# ---------------------------------------------------------------- a RoBERTa-style tokenizer.json
+
+def roberta_tokenizer_folder(folder):
+    """A tiny byte-level BPE with RoBERTa's post-processor (`<s> A </s></s> B </s>`) and special tokens,
+    trained offline, as tokenizer.json + tokenizer_config.json."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+    texts = ["The quick brown fox jumps over the lazy dog.", "RoBERTa counts positions after the padding id!",
+             "Hello world, hello tokenizer: ünïcödé too."] * 20
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True,
+                                                      add_prefix_space=False)
+    folder.mkdir()
+    bpe.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "RobertaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>",
+        "cls_token": "<s>", "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>",
+        "model_max_length": 20, "add_prefix_space": False}))
+    return folder
+
+
+def test_roberta_tokenizer_matches_transformers_and_feeds_the_model(tmp_path):
+    folder = roberta_tokenizer_folder(tmp_path / "tok")
+    ours, theirs = ml.load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    assert (ours.pad_token_id, ours.bos_token_id, ours.eos_token_id, ours.mask_token_id) == (1, 0, 2, 4)
+    texts, pairs = ["Hello world, the fox!", "short", "ünïcödé <mask> too"], ["RoBERTa positions.", "a pair", "x"]
+    for args, kwargs in [((texts,), {}), ((texts,), {"padding": True, "return_offsets_mapping": True}),
+                         ((texts, pairs), {"padding": True}),
+                         ((texts, pairs), {"padding": "max_length", "truncation": True})]:
+        got, want = ours(*args, **kwargs), theirs(*args, **kwargs)
+        assert dict(got) == dict(want), (args, kwargs)
+        assert "token_type_ids" not in got  # RoBERTa's tokenizer returns none; the model uses type 0
+    assert ours.decode(ours("the lazy dog")["input_ids"], skip_special_tokens=True) == "the lazy dog"
+
+    batch = ours(texts, pairs, padding=True, return_tensors="pt")
+    assert batch["attention_mask"].min() == 0 and (batch["input_ids"] == PAD).any()
+    hf = hf_model("roberta", "ForSequenceClassification", vocab_size=len(theirs), max_position_embeddings=40)
+    model, _ = load(save(hf, tmp_path / "model"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, hf(**batch).logits, atol=ATOL, rtol=0)
