@@ -359,3 +359,18 @@ def test_roberta_tokenizer_matches_transformers_and_feeds_the_model(tmp_path):
     model, _ = load(save(hf, tmp_path / "model"))
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, hf(**batch).logits, atol=ATOL, rtol=0)
+
+
+def test_bert_masked_lm_checkpoint_loads_too(tmp_path):
+    """The pooler rule is BERT's (shared code): a BertForMaskedLM checkpoint (no pooler, `cls.*` head) loads as
+    the base model and as a classifier, the encoder equal to the checkpoint's."""
+    torch.manual_seed(0)
+    hf = transformers.BertForMaskedLM(transformers.BertConfig(**{**TINY, "type_vocab_size": 2, "pad_token_id": 0}))
+    save(hf.eval(), tmp_path)
+    ids = torch.randint(1, 99, (2, 7))
+    for task in ("base", "sequence-classification"):
+        model, caught = load(tmp_path, task=task)
+        assert len(caught) == 1 and "pooler.dense.weight" in caught[0]
+        with torch.no_grad():
+            torch.testing.assert_close(model.base_model(ids).last_hidden_state, hf.bert(ids).last_hidden_state,
+                                       atol=ATOL, rtol=0)
