@@ -18,7 +18,7 @@ each row split into its user/assistant turns and rendered with that template (so
 template and train on the rows as they are, with "<s>" / "</s>" rewritten to the tokenizer's own BOS/EOS
 (`--prompt-format llama2` forces this for any model).
 
-    python examples/llama2_qlora.py --model ../test-models/Qwen2.5-Coder-0.5B-Instruct \
+    python examples/llama2_qlora.py --model ../test-models/Qwen2.5-Coder-0.5B-Instruct \\
         --data ../shared/data/guanaco_llama2_1k --max-train-samples 200 --max-seq-length 256   # Qwen, CPU
 """
 from __future__ import annotations
