@@ -355,12 +355,13 @@ def test_chat_template_renders_every_turn_once(tiny_llama, tmp_path):
 
 
 def test_qwen_runs_the_guanaco_and_medical_recipes(tmp_path):
-    """A real Qwen2.5 folder (its own chat template) through both recipes: 2 NF4 QLoRA steps each on CPU.
-    Skips where the Qwen folder is absent or this minilora does not load qwen2 yet."""
+    """A real Qwen2.5 folder (its own chat template) through both recipes: one NF4 QLoRA step each on CPU
+    (minutes: 0.6B parameters). Skips where the Qwen folder is absent or this minilora does not load qwen2."""
     from conftest import real_model_dir, shared_data_dir
     folder, data = real_model_dir("Qwen2.5-Coder-0.5B-Instruct"), shared_data_dir()
-    small = ["--device", "cpu", "--max-steps", "2", "--batch-size", "1", "--max-train-samples", "4",
-             "--max-eval-samples", "2", "--max-seq-length", "48", "--logging-steps", "1"]
+    small = ["--device", "cpu", "--max-steps", "1", "--batch-size", "1", "--max-train-samples", "2",
+             "--max-eval-samples", "1", "--max-seq-length", "40", "--logging-steps", "1", "--lr", "1e-3",
+             "--warmup-ratio", "0"]  # one step: no warmup, or its learning rate would be 0
     try:
         guanaco = llama2_qlora.main(["--model", str(folder), "--data", str(data / "guanaco_llama2_1k"),
                                      "--output-dir", str(tmp_path / "guanaco"), *small, "--questions",
@@ -369,10 +370,10 @@ def test_qwen_runs_the_guanaco_and_medical_recipes(tmp_path):
         if "unsupported model_type" not in str(e):
             raise
         pytest.skip(f"this minilora does not load {folder.name} yet: {e}")
-    saved = check_run(tmp_path / "guanaco", guanaco)
+    saved = check_run(tmp_path / "guanaco", guanaco, steps=1)
     assert saved["prompt_format"] == "chat-template"
-    assert all(isinstance(a, str) and a for a in saved["before"]["answers"])
+    assert "Paris" in saved["before"]["answers"][0]  # prompted through its own template, it answers
     medical = llama2_medical_qlora.main(["--model", str(folder), "--data", str(data / "medical_qa"),
                                          "--output-dir", str(tmp_path / "medical"), *small,
-                                         "--gradient-accumulation-steps", "1", "--save-steps", "2"])
-    assert check_run(tmp_path / "medical", medical)["prompt_format"] == "chat-template"
+                                         "--gradient-accumulation-steps", "1", "--save-steps", "1"])
+    assert check_run(tmp_path / "medical", medical, steps=1)["prompt_format"] == "chat-template"
