@@ -135,6 +135,68 @@ def timed_evaluate(model: torch.nn.Module, data: Sequence[dict], **kwargs: Any) 
     return {**metrics, "eval_runtime": runtime, "eval_samples_per_second": len(data) / runtime}
 
 
+# --- prompts: Llama-2 chat text, or the checkpoint's own chat template -------------------------------------
+# The guanaco and medical recipes train Llama-2 on "<s>[INST] question [/INST] answer </s>" text. Another
+# model (Qwen2.5, SmolLM2, ...) learns the same conversations in its own chat template instead, so that it
+# is prompted after training the way it was instruction-tuned. "auto" picks the template whenever the
+# checkpoint has one that is not Llama-2's [INST] format; Llama-2 base models have none and keep the recipe.
+
+PROMPT_FORMATS = ("auto", "llama2", "chat-template")
+
+
+def add_prompt_format_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
+                        help="how conversations become training text: llama2 = the recipe's '<s>[INST] q [/INST] "
+                             "a </s>' in the tokenizer's BOS/EOS; chat-template = the checkpoint's chat template "
+                             "(user/assistant messages); auto (default) = chat-template when the checkpoint has "
+                             "one that is not Llama-2's [INST] format, else llama2")
+
+
+def uses_chat_template(tokenizer, prompt_format: str) -> bool:
+    """Whether `--prompt-format` renders conversations with the tokenizer's chat template."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"--prompt-format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    template = tokenizer.chat_template
+    if prompt_format == "chat-template" and not template:
+        raise ValueError(f"--prompt-format chat-template: {tokenizer.name or 'the tokenizer'} has no chat template "
+                         "(chat_template.jinja or tokenizer_config.json 'chat_template'); use --prompt-format llama2")
+    return prompt_format == "chat-template" or (prompt_format == "auto" and bool(template)
+                                                and "[INST]" not in template)
+
+
+def conversation_text(turns: Sequence[tuple[str, str]], tokenizer, chat_template: bool) -> str:
+    """The training text of a conversation of (user, assistant) turns.
+
+    Llama-2 text uses the tokenizer's own BOS/EOS strings. A chat-template rendering ends at the template's
+    last end-of-turn token (trailing newlines dropped, so no EOS is appended after it) and loses a leading
+    BOS that the tokenizer adds by itself anyway (Llama-3), so neither is doubled.
+    """
+    if not chat_template:
+        bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+        return "".join(f"{bos}[INST] {user.strip()} [/INST] {reply.strip()} {eos}" for user, reply in turns)
+    messages = [message for user, reply in turns for message in
+                ({"role": "user", "content": user.strip()}, {"role": "assistant", "content": reply.strip()})]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    if tokenizer.eos_token and text.rstrip().endswith(tokenizer.eos_token):
+        text = text.rstrip()
+    return _without_added_bos(text, tokenizer)
+
+
+def question_prompt(question: str, tokenizer, chat_template: bool) -> str:
+    """The generation prompt for one question, in the format the model is trained on."""
+    if not chat_template:
+        return f"{tokenizer.bos_token or ''}[INST] {question} [/INST]"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    return _without_added_bos(text, tokenizer)
+
+
+def _without_added_bos(text: str, tokenizer) -> str:
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer.encode("")[:1] == [tokenizer.bos_token_id]:
+        return text[len(bos):]
+    return text
+
+
 # --- results ------------------------------------------------------------------------------------------------
 
 def print_metrics(title: str, metrics: dict[str, Any]) -> None:

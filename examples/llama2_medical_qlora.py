@@ -13,6 +13,10 @@ and the peak memory: CUDA allocated memory on a GPU, the process's peak RSS on C
 
 The data: a folder (or hub dataset) with train and test splits, or a single file (the hub's MedQuAD CSV),
 of which --max-eval-samples rows are held out. Question/answer columns are matched case-insensitively.
+
+Any supported decoder runs it (`--model` a Qwen2.5, SmolLM2, ... folder): with `--prompt-format auto` (default)
+a checkpoint with a chat template other than Llama-2's learns each question/answer pair as a user/assistant
+conversation rendered by that template; Llama-2 base models (no template) keep the recipe's [INST] text.
 """
 from __future__ import annotations
 
@@ -21,8 +25,9 @@ import math
 from pathlib import Path
 
 import torch
-from common import (common_parser, peak_memory, print_metrics, qlora_precision, run_script, split_rows, start,
-                    subsample, timed_evaluate, train_config, write_results)
+from common import (add_prompt_format_option, common_parser, conversation_text, peak_memory, print_metrics,
+                    qlora_precision, run_script, split_rows, start, subsample, timed_evaluate, train_config,
+                    uses_chat_template, write_results)
 
 import minilora as ml
 from minilora.data import Collator, causal_lm_dataset
@@ -49,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how the frozen base is stored (none: plain LoRA on a dense base)")
     parser.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"],
                         help="module names that get LoRA, or all-linear")
+    add_prompt_format_option(parser)
     parser.add_argument("--max-seq-length", type=int, default=512,
                         help="rows are truncated to this many tokens")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=4, help="micro-batches per step")
@@ -72,10 +78,11 @@ def column(rows: list[dict], name: str, source: str) -> str:
 
 
 def chat_rows(rows: list[dict], args, tokenizer, source: str) -> Records:
-    """One Llama-2 chat text per row with a non-empty answer, in this tokenizer's BOS/EOS strings."""
+    """One conversation text per row with a non-empty answer: Llama-2 chat text in this tokenizer's BOS/EOS
+    strings, or the checkpoint's chat template (see --prompt-format)."""
     question, answer = column(rows, args.question_column, source), column(rows, args.answer_column, source)
-    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
-    texts = [f"{bos}[INST] {row[question].strip()} [/INST] {row[answer].strip()} {eos}" for row in rows
+    chat_template = uses_chat_template(tokenizer, args.prompt_format)
+    texts = [conversation_text([(row[question], row[answer])], tokenizer, chat_template) for row in rows
              if isinstance(row[answer], str) and row[answer].strip()]
     return Records(({"text": text} for text in texts), source=source)
 
@@ -101,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
                                   max_length=args.max_seq_length)
     # Pad with EOS, as the recipe: Llama-2 has no pad token (some copies add "<pad>" beyond the embeddings).
     collate = Collator(pad_token_id=tokenizer.eos_token_id)
-    print(f"train rows {len(train_data)}, held-out rows {len(eval_data)}")
+    prompt_format = "chat-template" if uses_chat_template(tokenizer, args.prompt_format) else "llama2"
+    print(f"train rows {len(train_data)}, held-out rows {len(eval_data)}, prompt format {prompt_format}")
 
     compute_dtype, bf16 = qlora_precision(device)
     quantize = None if args.quantize == "none" else ml.QuantConfig(quant_type=args.quantize,
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_metrics("after training (held-out)", {**after, **memory})
 
     adapter_dir = ml.save_adapter(model, Path(args.output_dir) / "adapter")
-    results = {"model": args.model, "data": args.data, "train_rows": len(train_data),
+    results = {"model": args.model, "data": args.data, "prompt_format": prompt_format, "train_rows": len(train_data),
                "eval_rows": len(eval_data), "trainable_parameters": trainable, "before": before,
                "train": summary, "after": after, **memory, "adapter_dir": str(adapter_dir)}
     write_results(args.output_dir, results)

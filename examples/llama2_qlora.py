@@ -11,20 +11,28 @@ on rows held out from training before and after.
     python examples/llama2_qlora.py --model ../test-models/SmolLM2-135M-Instruct \\
         --data ../shared/data/guanaco_llama2_1k --max-train-samples 200 --max-seq-length 256   # CPU, offline
 
-Llama-2's data carries its BOS/EOS as the literal strings "<s>" / "</s>". A model whose tokenizer names them
-differently (SmolLM2: <|im_start|> / <|im_end|>) gets them rewritten to its own, so the rows still start with
-BOS and end with the EOS generation stops at.
+Any supported decoder runs it (`--model` a Qwen2.5, SmolLM2, ... folder). The rows are Llama-2 chat text;
+with `--prompt-format auto` (default) a model whose checkpoint has a chat template other than Llama-2's gets
+each row split into its user/assistant turns and rendered with that template (so Qwen2.5 learns
+"<|im_start|>user ... <|im_end|>" text, and is asked the questions the same way). Llama-2 base models have no
+template and train on the rows as they are, with "<s>" / "</s>" rewritten to the tokenizer's own BOS/EOS
+(`--prompt-format llama2` forces this for any model).
+
+    python examples/llama2_qlora.py --model ../test-models/Qwen2.5-Coder-0.5B-Instruct \\
+        --data ../shared/data/guanaco_llama2_1k --max-train-samples 200 --max-seq-length 256   # Qwen, CPU
 """
 from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 
 import torch
 
-from common import (common_parser, peak_memory, print_metrics, qlora_precision, run_script, split_rows, start,
-                    subsample, timed_evaluate, train_config, write_results)
+from common import (add_prompt_format_option, common_parser, conversation_text, peak_memory, print_metrics,
+                    qlora_precision, question_prompt, run_script, split_rows, start, subsample, timed_evaluate,
+                    train_config, uses_chat_template, write_results)
 
 import minilora as ml
 from minilora.data import Collator, causal_lm_dataset
@@ -49,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-head", action="store_true",
                         help="also train the LM head (saved in the adapter as modules_to_save; with tied "
                              "embeddings this trains the input embeddings too)")
+    add_prompt_format_option(parser)
     parser.add_argument("--max-seq-length", type=int, default=1024,
                         help="rows are truncated to this many tokens")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step")
@@ -74,12 +83,33 @@ def with_own_special_tokens(text: str, tokenizer) -> str:
     return text.replace("<s>", bos).replace("</s>", eos) if (bos, eos) != ("<s>", "</s>") else text
 
 
-def answer(model, tokenizer, questions: list[str], max_new_tokens: int, device: torch.device) -> list[str]:
-    """Greedy answers to each question, prompted in the Llama-2 chat format the recipe trains on."""
+LLAMA2_TURN = re.compile(r"<s>\s*\[INST\](.*?)\[/INST\](.*?)</s>", re.S)
+
+
+def llama2_turns(text: str) -> list[tuple[str, str]]:
+    """The (user, assistant) turns of Llama-2 chat text "<s>[INST] q [/INST] a </s><s>[INST] q2 [/INST] ..."."""
+    turns = LLAMA2_TURN.findall(text)
+    if not turns or LLAMA2_TURN.sub("", text).strip():
+        raise ValueError("expected Llama-2 chat text ('<s>[INST] question [/INST] answer </s>', one or more "
+                         f"turns), got {text[:100]!r}; --prompt-format llama2 trains on the text as it is")
+    return [(user.strip(), reply.strip()) for user, reply in turns]
+
+
+def training_text(text: str, tokenizer, chat_template: bool) -> str:
+    """A guanaco row as this model's training text: the row in the tokenizer's BOS/EOS, or (chat_template)
+    its turns rendered with the checkpoint's chat template."""
+    if not chat_template:
+        return with_own_special_tokens(text, tokenizer)
+    return conversation_text(llama2_turns(text), tokenizer, chat_template=True)
+
+
+def answer(model, tokenizer, questions: list[str], max_new_tokens: int, device: torch.device,
+           chat_template: bool = False) -> list[str]:
+    """Greedy answers to each question, prompted in the format the recipe trains on."""
     model.eval()
     answers = []
     for question in questions:
-        prompt = with_own_special_tokens(f"<s>[INST] {question} [/INST]", tokenizer)
+        prompt = question_prompt(question, tokenizer, chat_template)
         ids = torch.tensor([tokenizer.encode(prompt)], device=device)
         out = ml.generate(model, ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
         answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
@@ -104,15 +134,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Data: Llama-2 chat rows, tokenized whole (the loss covers question and answer, as in the recipe).
     tokenizer = ml.load_tokenizer(args.model)
+    chat_template = uses_chat_template(tokenizer, args.prompt_format)
     train_rows, eval_rows = split_rows(args.data, args.max_eval_samples, args.seed)
     train_rows = subsample(train_rows, args.max_train_samples, args.seed)
     eval_rows = subsample(eval_rows, args.max_eval_samples, args.seed)
 
     def tokenize(rows):
-        rows = [{"text": with_own_special_tokens(row["text"], tokenizer)} for row in rows]
+        rows = [{"text": training_text(row["text"], tokenizer, chat_template)} for row in rows]
         return causal_lm_dataset(rows, tokenizer, max_length=args.max_seq_length)
 
     train_data, eval_data = tokenize(train_rows), tokenize(eval_rows)
+    prompt_format = "chat-template" if chat_template else "llama2"
+    print(f"prompt format: {prompt_format}; first training row:\n"
+          f"{training_text(train_rows[0]['text'], tokenizer, chat_template)[:300]}")
     # Pad with EOS, as the recipe: Llama-2 has no pad token (some copies add "<pad>" beyond the embeddings).
     collate = Collator(pad_token_id=tokenizer.eos_token_id)
     print(f"train rows {len(train_data)}, held-out rows {len(eval_data)}")
@@ -130,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
     before = held_out_metrics(model, eval_data, collate, args.batch_size)
-    before["answers"] = answer(model, tokenizer, args.questions, args.max_new_tokens, device)
+    before["answers"] = answer(model, tokenizer, args.questions, args.max_new_tokens, device, chat_template)
     print_metrics("before training (held-out)", {k: v for k, v in before.items() if k != "answers"})
     show_answers("answers before training", args.questions, before["answers"])
 
@@ -143,12 +177,12 @@ def main(argv: list[str] | None = None) -> dict:
     print_metrics("training", summary)
 
     after = held_out_metrics(model, eval_data, collate, args.batch_size)
-    after["answers"] = answer(model, tokenizer, args.questions, args.max_new_tokens, device)
+    after["answers"] = answer(model, tokenizer, args.questions, args.max_new_tokens, device, chat_template)
     print_metrics("after training (held-out)", {k: v for k, v in after.items() if k != "answers"})
     show_answers("answers after training", args.questions, after["answers"])
 
     adapter_dir = ml.save_adapter(model, Path(args.output_dir) / "adapter")
-    results = {"model": args.model, "data": args.data, "train_rows": len(train_data),
+    results = {"model": args.model, "data": args.data, "prompt_format": prompt_format, "train_rows": len(train_data),
                "eval_rows": len(eval_data), "trainable_parameters": trainable, "questions": args.questions,
                "before": before, "train": summary, "after": after, **peak_memory(device),
                "adapter_dir": str(adapter_dir)}

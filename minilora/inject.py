@@ -10,7 +10,8 @@ from .config import LoraConfig
 from .lora import LoraLinear, dense_linear
 
 # target_modules=None picks what peft picks for these model types.
-DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "t5": ["q", "v"]}
+DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "t5": ["q", "v"],
+                   "roberta": ["query", "value"], "xlm-roberta": ["query", "value"]}
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -29,14 +30,15 @@ def name_matches(path: str, pattern: list[str] | str) -> bool:
 
 
 def _output_heads(model: nn.Module) -> set[str]:
-    """Paths of the modules "all-linear" leaves alone: the LM head and task heads (classifier, qa_outputs)."""
+    """Paths of the modules "all-linear" leaves alone: the LM head and task heads (classifier, qa_outputs),
+    with the layers inside a head module (RoBERTa's classifier.dense / classifier.out_proj)."""
     heads = set()
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
     for path, module in model.named_modules():
         if module is out and out is not None:
             heads.add(path)
-        if any(path + "." == p or path == p for p in getattr(model, "new_head_prefixes", ())):
+        if any((path + ".").startswith(p) or path == p for p in getattr(model, "new_head_prefixes", ())):
             heads.add(path)
     return heads
 

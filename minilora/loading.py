@@ -211,7 +211,9 @@ def _load_weights(model: nn.Module, checkpoint: Checkpoint, config_dict: dict, d
     unexpected += [mapping.pop(k) for k in [k for k in mapping if k not in state and not k.startswith(packed)]]
     tied = set(model.tied_weight_keys())
     missing = [k for k in state if k not in mapping and k not in tied and not k.startswith(packed)]
-    new_head = [k for k in missing if model.new_head_prefixes and k.startswith(tuple(model.new_head_prefixes))]
+    # New task heads, and modules transformers would initialise too when a checkpoint lacks them (a pooler).
+    fresh = [re.compile(p) for p in getattr(model, "init_if_missing", ())]
+    new_head = [k for k in missing if k.startswith(tuple(model.new_head_prefixes)) or any(p.search(k) for p in fresh)]
     _check_keys(model, checkpoint, state, mapping, [k for k in missing if k not in new_head], unexpected, packed)
     load_checks.check_dtypes(state, mapping, checkpoint, packed)
     where = checkpoint.files[0].path.parent
@@ -290,7 +292,8 @@ def _quantized_paths(model: nn.Module, qconfig, prequantized: bool, mapping: dic
 
     if not prequantized:
         modules = dict(model.named_modules())
-        return {p for p in linears if quant.should_quantize(p, modules[p], qconfig, model)}
+        # A layer the checkpoint lacks (a pooler initialised afresh) stays dense: there is nothing to quantize.
+        return {p for p in linears if p + ".weight" in mapping and quant.should_quantize(p, modules[p], qconfig, model)}
     names: dict[str, list[str]] = {}  # linear layer -> its tensor names in the checkpoint
     for key in mapping:
         path = key.rpartition(".")[0]

@@ -42,6 +42,8 @@ QA = [("What is the capital of France?", "Paris is the capital of France."),
       ("What is ice?", "Ice is frozen water."),
       ("Which animal barks?", "A dog barks.")]
 SYSTEM = "You are a helpful assistant."
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 ALL_TEXT = " ".join(f"<s>[INST] {q} [/INST] {a} </s> {SYSTEM}" for q, a in QA)
 
 
@@ -82,9 +84,10 @@ def tiny_llama(tmp_path_factory) -> Path:
     real = copy_real_tokenizer("SmolLM2-135M-Instruct", folder)
     if real is not None:
         ids = {k: real[k] for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")}
-    else:
-        size = build_tokenizer(folder, ["<unk>", "<s>", "</s>"], "<s> $A",
-                               {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    else:  # with a ChatML template, like SmolLM2's: the recipes render their rows with it
+        size = build_tokenizer(folder, ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"], "<s> $A",
+                               {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                                "chat_template": CHATML})
         ids = {"vocab_size": size, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}
     config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2,
@@ -202,7 +205,9 @@ def test_llama2_qlora_adapter_with_tied_head_reloads(tiny_llama, guanaco_run):
     data, out, results = guanaco_run
     tokenizer = ml.load_tokenizer(tiny_llama)
     _, held_out = llama2_qlora.split_rows(str(data), 3, seed=42)
-    features = causal_lm_dataset([{"text": llama2_qlora.with_own_special_tokens(r["text"], tokenizer)}
+    chat_template = common.uses_chat_template(tokenizer, "auto")
+    assert chat_template and results["prompt_format"] == "chat-template"  # SmolLM2's or the ChatML fixture's
+    features = causal_lm_dataset([{"text": llama2_qlora.training_text(r["text"], tokenizer, chat_template)}
                                   for r in held_out], tokenizer, max_length=64)
     base = ml.from_pretrained(tiny_llama, dtype=torch.float32, quantize=ml.QuantConfig(
         quant_type="nf4", double_quant=False, compute_dtype=torch.float32))
@@ -294,3 +299,81 @@ def test_script_runs_from_the_command_line(tmp_path):
                           text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "HF_HUB_OFFLINE is set" in proc.stderr and llama2_medical_qlora.OFFLINE in proc.stderr
+
+
+# ---------------------------------------------------------------- prompt formats (any decoder's chat template)
+
+LLAMA2_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] + "
+                   "' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+def word_tokenizer(folder: Path, chat_template: str | None):
+    """The word-level test tokenizer (adds BOS itself), with an optional chat template."""
+    folder.mkdir()
+    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    build_tokenizer(folder, ["<unk>", "<s>", "</s>"], "<s> $A",
+                    {**config, "chat_template": chat_template} if chat_template else config)
+    return ml.load_tokenizer(folder)
+
+
+def test_prompt_format_auto_keeps_llama2_text_for_llama2_models(tmp_path):
+    row = f"<s>[INST] {QA[0][0]} [/INST] {QA[0][1]} </s>"
+    for name, template in [("none", None), ("llama2", LLAMA2_TEMPLATE)]:
+        tokenizer = word_tokenizer(tmp_path / name, template)
+        assert not common.uses_chat_template(tokenizer, "auto")
+        assert llama2_qlora.training_text(row, tokenizer, False) == row
+        assert common.conversation_text([QA[0]], tokenizer, False) == row
+        assert common.question_prompt("Hi?", tokenizer, False) == "<s>[INST] Hi? [/INST]"
+    with pytest.raises(ValueError, match="--prompt-format chat-template.*no chat template"):
+        common.uses_chat_template(word_tokenizer(tmp_path / "plain", None), "chat-template")
+    with pytest.raises(ValueError, match="--prompt-format"):
+        common.uses_chat_template(tokenizer, "chatml")
+
+
+def test_chat_template_renders_every_turn_once(tiny_llama, tmp_path):
+    tokenizer = ml.load_tokenizer(tiny_llama)  # SmolLM2's ChatML template, or the fixture's
+    assert common.uses_chat_template(tokenizer, "auto") and not common.uses_chat_template(tokenizer, "llama2")
+    (q1, a1), (q2, a2) = QA[:2]
+    text = llama2_qlora.training_text(f"<s>[INST] {q1} [/INST] {a1} </s><s>[INST] {q2} [/INST] {a2} </s>",
+                                      tokenizer, True)
+    turns = [f"<|im_start|>user\n{q1}<|im_end|>", f"<|im_start|>assistant\n{a1}<|im_end|>",
+             f"<|im_start|>user\n{q2}<|im_end|>", f"<|im_start|>assistant\n{a2}<|im_end|>"]
+    assert all(text.count(turn) == 1 for turn in turns)
+    assert text.index(turns[0]) < text.index(turns[1]) < text.index(turns[2]) < text.index(turns[3])
+    # the text stops after the last end-of-turn (nothing after it when that is the tokenizer's EOS, as SmolLM2's)
+    assert text.rstrip().endswith(turns[3]) and (text.endswith(turns[3]) or tokenizer.eos_token != "<|im_end|>")
+    assert "[INST]" not in text and "<s>" not in text
+    assert common.question_prompt(q1, tokenizer, True).endswith(f"{turns[0]}\n<|im_start|>assistant\n")
+    with pytest.raises(ValueError, match="expected Llama-2 chat text.*--prompt-format llama2"):
+        llama2_qlora.training_text("### Human: hi ### Assistant: hello", tokenizer, True)
+    # A template that writes the BOS the tokenizer adds by itself (Llama-2/3 style): one BOS, not two.
+    bos_adding = word_tokenizer(tmp_path / "bos", LLAMA2_TEMPLATE)
+    text = common.conversation_text([QA[0]], bos_adding, chat_template=True)
+    ids = bos_adding.encode(text)
+    assert ids[0] == bos_adding.bos_token_id and ids[1] != bos_adding.bos_token_id
+    assert ids[-1] == bos_adding.eos_token_id
+
+
+def test_qwen_runs_the_guanaco_and_medical_recipes(tmp_path):
+    """A real Qwen2.5 folder (its own chat template) through both recipes: one NF4 QLoRA step each on CPU
+    (minutes: 0.6B parameters). Skips where the Qwen folder is absent or this minilora does not load qwen2."""
+    from conftest import real_model_dir, shared_data_dir
+    folder, data = real_model_dir("Qwen2.5-Coder-0.5B-Instruct"), shared_data_dir()
+    small = ["--device", "cpu", "--max-steps", "1", "--batch-size", "1", "--max-train-samples", "2",
+             "--max-eval-samples", "1", "--max-seq-length", "40", "--logging-steps", "1", "--lr", "1e-3",
+             "--warmup-ratio", "0"]  # one step: no warmup, or its learning rate would be 0
+    try:
+        guanaco = llama2_qlora.main(["--model", str(folder), "--data", str(data / "guanaco_llama2_1k"),
+                                     "--output-dir", str(tmp_path / "guanaco"), *small, "--questions",
+                                     "What is the capital of France?", "--max-new-tokens", "8"])
+    except ValueError as e:
+        if "unsupported model_type" not in str(e):
+            raise
+        pytest.skip(f"this minilora does not load {folder.name} yet: {e}")
+    saved = check_run(tmp_path / "guanaco", guanaco, steps=1)
+    assert saved["prompt_format"] == "chat-template"
+    assert "Paris" in saved["before"]["answers"][0]  # prompted through its own template, it answers
+    medical = llama2_medical_qlora.main(["--model", str(folder), "--data", str(data / "medical_qa"),
+                                         "--output-dir", str(tmp_path / "medical"), *small,
+                                         "--gradient-accumulation-steps", "1", "--save-steps", "1"])
+    assert check_run(tmp_path / "medical", medical, steps=1)["prompt_format"] == "chat-template"

@@ -30,6 +30,26 @@ FAMILIES: dict[str, ModelFamily] = {
         "base",
     ),
     "t5": ModelFamily("minilora.models.t5", "T5Config", {"seq2seq": "T5ForConditionalGeneration"}, "seq2seq"),
+    "roberta": ModelFamily(
+        "minilora.models.roberta",
+        "RobertaConfig",
+        {
+            "base": "RobertaModel",
+            "sequence-classification": "RobertaForSequenceClassification",
+            "question-answering": "RobertaForQuestionAnswering",
+        },
+        "base",
+    ),
+    "xlm-roberta": ModelFamily(
+        "minilora.models.roberta",
+        "XLMRobertaConfig",
+        {
+            "base": "XLMRobertaModel",
+            "sequence-classification": "XLMRobertaForSequenceClassification",
+            "question-answering": "XLMRobertaForQuestionAnswering",
+        },
+        "base",
+    ),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
@@ -43,6 +63,14 @@ ARCHITECTURE_TASKS = {
     "BertForPreTraining": "base",
     "BertForSequenceClassification": "sequence-classification",
     "BertForQuestionAnswering": "question-answering",
+    "RobertaModel": "base",
+    "RobertaForMaskedLM": "base",
+    "RobertaForSequenceClassification": "sequence-classification",
+    "RobertaForQuestionAnswering": "question-answering",
+    "XLMRobertaModel": "base",
+    "XLMRobertaForMaskedLM": "base",
+    "XLMRobertaForSequenceClassification": "sequence-classification",
+    "XLMRobertaForQuestionAnswering": "question-answering",
     "T5ForConditionalGeneration": "seq2seq",
     "T5WithLMHeadModel": "seq2seq",
     "T5Model": "seq2seq",

@@ -67,17 +67,20 @@ class BertConfig:
 
     def validate(self) -> None:
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"BertConfig: hidden_size ({self.hidden_size}) must be a multiple of "
+            raise ValueError(f"{type(self).__name__}: hidden_size ({self.hidden_size}) must be a multiple of "
                              f"num_attention_heads ({self.num_attention_heads})")
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"BertConfig: hidden_act {self.hidden_act!r} is not supported; "
+            raise ValueError(f"{type(self).__name__}: hidden_act {self.hidden_act!r} is not supported; "
                              f"expected one of {sorted(ACTIVATIONS)}")
         if self.position_embedding_type != "absolute":
-            raise ValueError(f"BertConfig: position_embedding_type {self.position_embedding_type!r} is not "
+            raise ValueError(f"{type(self).__name__}: position_embedding_type {self.position_embedding_type!r} is not "
                              "supported; only 'absolute' is")
+        if self.raw.get("is_decoder") or self.raw.get("add_cross_attention"):
+            raise ValueError(f"{type(self).__name__}: is_decoder / add_cross_attention are not supported; minilora "
+                             "runs this family as a bidirectional encoder only")
         if self.problem_type not in (None, "regression", "single_label_classification",
                                      "multi_label_classification"):
-            raise ValueError(f"BertConfig: unknown problem_type {self.problem_type!r}")
+            raise ValueError(f"{type(self).__name__}: unknown problem_type {self.problem_type!r}")
 
 
 @dataclass
@@ -107,14 +110,17 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
+    def default_position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Positions when the caller passes none: 0, 1, 2, ... for every row."""
+        seq_len, max_len = input_ids.shape[1], self.position_embeddings.num_embeddings
+        if seq_len > max_len:
+            raise ValueError(f"input_ids has {seq_len} tokens but max_position_embeddings is {max_len}")
+        return torch.arange(seq_len, device=input_ids.device)[None]
+
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
                 position_ids: torch.Tensor | None) -> torch.Tensor:
-        seq_len = input_ids.shape[1]
-        max_len = self.position_embeddings.num_embeddings
         if position_ids is None:
-            if seq_len > max_len:
-                raise ValueError(f"input_ids has {seq_len} tokens but max_position_embeddings is {max_len}")
-            position_ids = torch.arange(seq_len, device=input_ids.device)[None]
+            position_ids = self.default_position_ids(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         input_ids = checked_token_ids(input_ids, self.word_embeddings)
@@ -227,9 +233,17 @@ class BertPooler(nn.Module):
 class BertPreTrainedModel(nn.Module):
     """What every BERT class shares: config handling, init, and the loader's hooks."""
 
-    base_model_prefix = "bert"
+    base_model_prefix = "bert"  # the encoder's attribute in task models, and its checkpoint key prefix
     new_head_prefixes: tuple[str, ...] = ()
     ignore_unexpected_keys: tuple[str, ...] = _IGNORED_KEYS
+    # Like transformers, a missing pooler is initialised afresh (with a warning) instead of failing the load:
+    # *ForMaskedLM checkpoints (e.g. roberta-base) have none. Unlike a task head it stays an ordinary layer.
+    init_if_missing: tuple[str, ...] = (r"^(\w+\.)?pooler\.",)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The bare encoder (the model itself for a `BertModel`)."""
+        return getattr(self, self.base_model_prefix, self)
 
     def tied_weight_keys(self) -> list[str]:
         return []
@@ -270,11 +284,12 @@ class BertModel(BertPreTrainedModel):
 
     # A task checkpoint (BertForSequenceClassification / QA) loads into the bare encoder minus its head.
     ignore_unexpected_keys = _IGNORED_KEYS + (r"^classifier\.", r"^qa_outputs\.")
+    embeddings_class: type[BertEmbeddings] = BertEmbeddings
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
         super().__init__()
         self.config = config
-        self.embeddings = BertEmbeddings(config)
+        self.embeddings = self.embeddings_class(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
 
@@ -321,23 +336,29 @@ class BertForSequenceClassification(BertPreTrainedModel):
         return ModelOutput(loss=loss, logits=logits)
 
     def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        problem = self.config.problem_type
-        if problem is None:
-            if self.num_labels == 1:
-                problem = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                problem = "single_label_classification"
-            else:
-                problem = "multi_label_classification"
-        logits = logits.float()
-        if problem == "regression":
-            labels = labels.to(logits.dtype)
-            if self.num_labels == 1:
-                return F.mse_loss(logits.squeeze(), labels.squeeze())
-            return F.mse_loss(logits, labels)
-        if problem == "single_label_classification":
-            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        return classification_loss(logits, labels, self.config.problem_type)
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str | None) -> torch.Tensor:
+    """HF's sequence-classification loss: MSE when there is one label, cross-entropy for integer labels,
+    BCE-with-logits for float multi-label targets (or as `problem_type` says)."""
+    num_labels = logits.shape[-1]
+    if problem_type is None:
+        if num_labels == 1:
+            problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
+    logits = logits.float()
+    if problem_type == "regression":
+        labels = labels.to(logits.dtype)
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze())
+        return F.mse_loss(logits, labels)
+    if problem_type == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 
 class BertForQuestionAnswering(BertPreTrainedModel):
@@ -349,15 +370,16 @@ class BertForQuestionAnswering(BertPreTrainedModel):
 
     new_head_prefixes = ("qa_outputs.",)
     ignore_unexpected_keys = _IGNORED_KEYS + (r"^(bert\.)?pooler\.",)
+    encoder_class: type[BertModel] = BertModel  # stored as `self.<base_model_prefix>`
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.config = config
-        self.bert = BertModel(config, add_pooling_layer=False)
+        setattr(self, self.base_model_prefix, self.encoder_class(config, add_pooling_layer=False))
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
 
     def get_input_embeddings(self) -> nn.Embedding:
-        return self.bert.get_input_embeddings()
+        return self.base_model.get_input_embeddings()
 
     def get_output_embeddings(self) -> nn.Module:
         return self.qa_outputs
@@ -366,7 +388,7 @@ class BertForQuestionAnswering(BertPreTrainedModel):
                 token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 start_positions: torch.Tensor | None = None,
                 end_positions: torch.Tensor | None = None) -> ModelOutput:
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
+        hidden = self.base_model(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
         start_logits, end_logits = self.qa_outputs(hidden).unbind(dim=-1)
         loss = None
         if start_positions is not None and end_positions is not None:
