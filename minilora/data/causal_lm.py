@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .collate import Features
+from .collate import IGNORE_INDEX, Features
 from .readers import get_text, require_rows, source_of
-
-IGNORE_INDEX = -100
 
 
 def causal_lm_dataset(records: Sequence[dict], tokenizer, *, max_length: int = 512, text_column: str = "text",
