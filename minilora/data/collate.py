@@ -14,6 +14,7 @@ PAD_VALUES: dict[str, int | None] = {
     "attention_mask": 0,
     "token_type_ids": 0,
     "labels": IGNORE_INDEX,
+    "position_ids": 0,  # packed rows: positions restart at 0 for each document
     "decoder_input_ids": None,
     "decoder_attention_mask": 0,
     "start_positions": None,  # scalars: never padded
