@@ -121,7 +121,8 @@ def test_two_gloo_processes_match_one_process_on_variable_lengths(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     train_main(str(tmp_path / "single"), json.dumps({**args, "batch_size": 2}))
 
-    ddp, single = load_file(tmp_path / "ddp" / "trained.safetensors"), load_file(tmp_path / "single" / "trained.safetensors")
+    ddp = load_file(tmp_path / "ddp" / "trained.safetensors")
+    single = load_file(tmp_path / "single" / "trained.safetensors")
     assert ddp.keys() == single.keys()
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], atol=1e-6, rtol=0, msg=name)

@@ -20,7 +20,7 @@ def test_pack_keeps_documents_whole_with_their_own_positions():
     found = []
     for row in rows:
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
-        for a, b in zip(starts, starts[1:]):
+        for a, b in zip(starts, starts[1:], strict=False):
             assert row["position_ids"][a:b] == list(range(b - a))
             assert row["labels"][a] == -100  # the first token of a document is never a target
             found.append((row["input_ids"][a:b], row["labels"][a + 1:b]))
@@ -49,7 +49,8 @@ def test_no_attention_crosses_a_document_boundary(grad):
     batch = Collator()(row)
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
     other = batch["input_ids"].clone()
-    other[0, starts[1]:starts[2]] = (other[0, starts[1]:starts[2]] + 7 - 4) % (VOCAB_SIZE - 4) + 4  # the middle document
+    middle = slice(starts[1], starts[2])
+    other[0, middle] = (other[0, middle] + 7 - 4) % (VOCAB_SIZE - 4) + 4  # every token of the middle document
     with torch.set_grad_enabled(grad):
         for p in model.parameters():
             p.requires_grad_(grad)

@@ -65,12 +65,12 @@ def chat_dataset(records: Sequence[dict], tokenizer, max_length: int = 2048, mes
             dropped += 1
             continue
         documents.append((ids, labels))
-    if dropped:
-        warnings.warn(f"chat_dataset: {dropped} of {len(records)} conversations of {source_of(records)} have no "
-                      f"assistant token to learn within max_length={max_length}; they are left out", stacklevel=2)
     if not documents:
         raise ValueError(f"chat_dataset: no conversation of {source_of(records)} has an assistant token to learn "
                          f"within max_length={max_length}")
+    if dropped:
+        warnings.warn(f"chat_dataset: {dropped} of {len(records)} conversations of {source_of(records)} have no "
+                      f"assistant token to learn within max_length={max_length}; they are left out", stacklevel=2)
     if packing:
         features = pack(documents, max_length, source_of(records))
     else:
@@ -158,9 +158,4 @@ def show_masking(example: dict, tokenizer) -> str:
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
