@@ -136,6 +136,8 @@ def test_qwen3_reasoning_of_the_last_answer_is_learned_and_earlier_reasoning_is_
         "<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n<think>\nAdd 3 and 3.\n</think>\n\nIt is 6."
         "<|im_end|>\n")
     assert _learned(tok, feature) == ["4.<|im_end|>", "Add 3 and 3.\n</think>\n\nIt is 6.<|im_end|>"]
+    as_field = [*conversation[:3], {"role": "assistant", "content": "It is 6.", "reasoning_content": "Add 3 and 3."}]
+    assert chat_dataset([{"messages": as_field}], tok)[0] == feature
 
 
 def _real(name):

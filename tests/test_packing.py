@@ -82,3 +82,29 @@ def test_packed_loss_and_gradients_equal_unpacked(padded_rows):
     torch.testing.assert_close(eval_b, eval_a, atol=1e-5, rtol=0)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_training_on_packed_rows_equals_training_on_the_documents(tmp_path):
+    """Through `ml.train`: one step on one packed row == one step on the same documents as a padded batch."""
+    import json
+
+    from train_helpers import tiny_lora_llama
+
+    from minilora.train import TrainConfig, train
+
+    docs = _documents(6, seed=4)
+    unpacked = [{"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)} for ids, labels in docs]
+    packed = pack(docs, 200)
+    assert len(packed) == 1
+    runs = []
+    for name, data in (("unpacked", unpacked), ("packed", packed)):
+        model = tiny_lora_llama()
+        train(model, data, TrainConfig(output_dir=str(tmp_path / name), batch_size=len(data), max_steps=1,
+                                       shuffle=False, progress_bar=False, plot=False, learning_rate=1e3,
+                                       adam_beta1=0.0, adam_beta2=0.0, adam_epsilon=1e3, max_grad_norm=None))
+        record = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+        runs.append((record, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}))
+    (a, params_a), (b, params_b) = runs
+    assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["grad_norm"] == pytest.approx(a["grad_norm"], abs=1e-5)
+    for name in params_a:
+        torch.testing.assert_close(params_b[name], params_a[name], atol=1e-5, rtol=0, msg=name)
