@@ -366,15 +366,17 @@ def _forward_backward(ddp_model: nn.Module, model: nn.Module, micro_batches: lis
     mean loss is weighted by its share of the step's targets, counted before any forward. DDP averages
     gradients over ranks, hence the factor `world`. Gradients are all-reduced on the last micro-batch only.
     """
-    batches = [{k: v.to(device) for k, v in collate_fn(features).items()} for features in micro_batches]
-    counts = [loss_targets(model, batch) for batch in batches]
+    batches = [collate_fn(features) for features in micro_batches]
+    counts = [loss_targets(model, batch) for batch in batches]  # on the CPU, before any forward
     step_targets = torch.tensor(float(sum(counts)), dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(step_targets)
-    if step_targets.item() == 0:
+    total = step_targets.item()
+    if total == 0:
         raise ValueError("an optimizer step has no label token to learn (every label is -100): check the data")
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     for i, (batch, count) in enumerate(zip(batches, counts, strict=True)):
+        batch = {k: v.to(device) for k, v in batch.items()}
         sync = world == 1 or i == len(batches) - 1
         with nullcontext() if sync else ddp_model.no_sync():
             with autocast:
@@ -383,15 +385,14 @@ def _forward_backward(ddp_model: nn.Module, model: nn.Module, micro_batches: lis
                 raise ValueError(f"the model returned no loss for a batch with keys {sorted(batch)}: "
                                  "training needs labels in the features")
             if count:
-                (loss * (count * world / step_targets.item())).backward()
+                (loss * (count * world / total)).backward()
             else:  # a mean over no token is NaN; still touch every parameter so DDP's all-reduce runs
                 sum(p.sum() for p in model.parameters() if p.requires_grad).mul(0.0).backward()
-        loss_sum = loss.item() * count if count else 0.0
-        totals += torch.tensor([loss_sum, 0.0, _count_tokens(batch), len(micro_batches[i])], dtype=torch.float64,
-                               device=device)
+        totals += torch.tensor([loss.item() * count if count else 0.0, 0.0, _count_tokens(batch),
+                                len(micro_batches[i])], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(totals)
-    totals[1] = step_targets
+    totals[1] = total
     return totals
 
 

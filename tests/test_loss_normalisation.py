@@ -170,3 +170,19 @@ def test_logged_loss_equals_transformers_trainer(tmp_path):
     theirs = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert len(ours) == len(theirs) == 3
     assert ours == pytest.approx(theirs, abs=1e-5)
+
+
+def test_a_micro_batch_without_targets_adds_nothing(tmp_path):
+    data = variable_length_lm_data(3)
+    data.insert(1, {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [5, -100, -100]})  # 0 targets
+    runs = []
+    for batch_size, accumulation in [(1, 4), (4, 1)]:
+        model = tiny_lora_llama()
+        train(model, data, _config(tmp_path / f"{batch_size}", batch_size=batch_size, max_steps=1,
+                                   gradient_accumulation_steps=accumulation, **SGD_LIKE))
+        runs.append((_records(tmp_path / f"{batch_size}")[0], _trainable(model)))
+    assert runs[0][0]["loss"] == pytest.approx(runs[1][0]["loss"], abs=1e-6)
+    for name in runs[0][1]:
+        torch.testing.assert_close(runs[0][1][name], runs[1][1][name], atol=1e-6, rtol=0, msg=name)
+    with pytest.raises(ValueError, match="no label token to learn"):
+        train(tiny_lora_llama(), data[1:2], _config(tmp_path / "none", batch_size=1, max_steps=1))
