@@ -177,11 +177,12 @@ def test_real_templates_with_their_default_system_prompts(name, system):
     assert all(label == t for t, label in zip(feature["input_ids"], feature["labels"], strict=True) if label != -100)
 
 
-def test_real_template_renders_as_transformers():
-    tok = _real("SmolLM2-135M-Instruct")
+@pytest.mark.parametrize("name", list(ASSISTANT))
+def test_real_template_renders_as_transformers(name):
+    tok = _real(name)
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(MODELS / "SmolLM2-135M-Instruct")
+    hf = AutoTokenizer.from_pretrained(MODELS / name)
     ids = hf.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
     assert chat_dataset([{"messages": CONVERSATION}], tok)[0]["input_ids"] == list(ids)
 
