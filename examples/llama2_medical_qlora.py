@@ -3,7 +3,10 @@
 The recipe: the base in 4-bit NF4, LoRA r=64, alpha=16, dropout 0.1 on q/v projections, gradient
 checkpointing, batch 2 with 4 gradient-accumulation steps, lr 2e-4 constant (after 3% warmup), paged AdamW,
 max grad norm 0.3, one epoch, a checkpoint and a log line every 75 steps. Rows are MedQuAD question/answer
-pairs rendered as Llama-2 chat text "<s>[INST] question [/INST] answer </s>" and learned whole. It reports the
+pairs rendered as Llama-2 chat text "<s>[INST] question [/INST] answer </s>" and learned whole (`--chat`: read
+as user/assistant messages in the tokenizer's chat template, or Llama-2's, with the loss on the answer only;
+the loss is always the mean over every label token of a step, so long answers count as much per token as short
+ones). It reports the
 perplexity on held-out rows (exp of the mean loss, as transformers' run_clm does) before and after training,
 and the peak memory: CUDA allocated memory on a GPU, the process's peak RSS on CPU.
 
@@ -30,12 +33,17 @@ from common import (add_prompt_format_option, common_parser, conversation_text, 
                     uses_chat_template, write_results)
 
 import minilora as ml
-from minilora.data import Collator, causal_lm_dataset
+from minilora.data import Collator, causal_lm_dataset, chat_dataset, show_masking
 from minilora.data.readers import Records
 from minilora.train import train
 
 DEFAULT_MODEL = "abhishek/llama-2-7b-hf-small-shards"
 SAFETENSORS_REVISION = "refs/pr/7"  # its main branch holds only pickled weights, which minilora never loads
+# Llama-2's chat template (what chat_rows writes), for --chat with a base tokenizer that has no template of its own
+LLAMA2_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}"
+                        "{{ bos_token + '[INST] ' + m['content'].strip()"
+                        " + ' [/INST]' }}{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}"
+                        "{% endfor %}")
 OFFLINE = ("python examples/llama2_medical_qlora.py --model ../test-models/SmolLM2-135M-Instruct "
            "--data ../shared/data/medical_qa --max-train-samples 64 --max-seq-length 128")
 
@@ -50,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"conversion, for {DEFAULT_MODEL}; main otherwise)")
     parser.add_argument("--question-column", default="question", help="column of the questions")
     parser.add_argument("--answer-column", default="answer", help="column of the answers")
+    parser.add_argument("--chat", action="store_true",
+                        help="read rows as chat messages (question: user, answer: assistant) in the tokenizer's "
+                             "chat template (Llama-2's when it has none) and learn only the answers")
     parser.add_argument("--quantize", choices=["nf4", "fp4", "int8", "none"], default="nf4",
                         help="how the frozen base is stored (none: plain LoRA on a dense base)")
     parser.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"],
@@ -87,8 +98,25 @@ def chat_rows(rows: list[dict], args, tokenizer, source: str) -> Records:
     return Records(({"text": text} for text in texts), source=source)
 
 
+def chat_messages(rows: list[dict], args, source: str) -> Records:
+    """One user/assistant conversation per row with a non-empty answer, for `chat_dataset`."""
+    question, answer = column(rows, args.question_column, source), column(rows, args.answer_column, source)
+    return Records(({"messages": [{"role": "user", "content": row[question].strip()},
+                                  {"role": "assistant", "content": row[answer].strip()}]}
+                    for row in rows if isinstance(row[answer], str) and row[answer].strip()), source=source)
+
+
+def tokenize(rows: list[dict], args, tokenizer, source: str):
+    """Llama-2 chat text learned whole, or with --chat conversations learned on the answers only."""
+    if args.chat:
+        template = None if tokenizer.chat_template else LLAMA2_CHAT_TEMPLATE
+        return chat_dataset(chat_messages(rows, args, source), tokenizer, max_length=args.max_seq_length,
+                            chat_template=template)
+    return causal_lm_dataset(chat_rows(rows, args, tokenizer, source), tokenizer, max_length=args.max_seq_length)
+
+
 def held_out_metrics(model, features, collate, batch_size: int) -> dict[str, float]:
-    """eval_loss (mean over batches, as transformers' Trainer), its perplexity, runtime and throughput."""
+    """eval_loss (the mean over every held-out label token), its perplexity, runtime and throughput."""
     metrics = timed_evaluate(model, features, batch_size=batch_size, collate_fn=collate)
     return {**metrics, "perplexity": math.exp(metrics["eval_loss"])}
 
@@ -102,14 +130,13 @@ def main(argv: list[str] | None = None) -> dict:
     train_rows, eval_rows = split_rows(args.data, args.max_eval_samples, args.seed)
     train_rows = subsample(train_rows, args.max_train_samples, args.seed)
     eval_rows = subsample(eval_rows, args.max_eval_samples, args.seed)
-    train_data = causal_lm_dataset(chat_rows(train_rows, args, tokenizer, f"{args.data} [train]"), tokenizer,
-                                   max_length=args.max_seq_length)
-    eval_data = causal_lm_dataset(chat_rows(eval_rows, args, tokenizer, f"{args.data} [held out]"), tokenizer,
-                                  max_length=args.max_seq_length)
+    train_data = tokenize(train_rows, args, tokenizer, f"{args.data} [train]")
+    eval_data = tokenize(eval_rows, args, tokenizer, f"{args.data} [held out]")
     # Pad with EOS, as the recipe: Llama-2 has no pad token (some copies add "<pad>" beyond the embeddings).
     collate = Collator(pad_token_id=tokenizer.eos_token_id)
     prompt_format = "chat-template" if uses_chat_template(tokenizer, args.prompt_format) else "llama2"
     print(f"train rows {len(train_data)}, held-out rows {len(eval_data)}, prompt format {prompt_format}")
+    print(f"the first training row, learned tokens in ⟦ ⟧:\n{show_masking(train_data[0], tokenizer)}")
 
     compute_dtype, bf16 = qlora_precision(device)
     quantize = None if args.quantize == "none" else ml.QuantConfig(quant_type=args.quantize,

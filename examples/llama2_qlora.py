@@ -35,7 +35,7 @@ from common import (add_prompt_format_option, common_parser, conversation_text, 
                     train_config, uses_chat_template, write_results)
 
 import minilora as ml
-from minilora.data import Collator, causal_lm_dataset
+from minilora.data import Collator, causal_lm_dataset, show_masking
 from minilora.train import train
 
 OFFLINE = ("python examples/llama2_qlora.py --model ../test-models/SmolLM2-135M-Instruct "
@@ -117,7 +117,7 @@ def answer(model, tokenizer, questions: list[str], max_new_tokens: int, device: 
 
 
 def held_out_metrics(model, features, collate, batch_size: int) -> dict[str, float]:
-    """eval_loss (mean over batches, as transformers' Trainer), its perplexity, runtime and throughput."""
+    """eval_loss (the mean over every held-out label token), its perplexity, runtime and throughput."""
     metrics = timed_evaluate(model, features, batch_size=batch_size, collate_fn=collate)
     return {**metrics, "perplexity": math.exp(metrics["eval_loss"])}
 
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Pad with EOS, as the recipe: Llama-2 has no pad token (some copies add "<pad>" beyond the embeddings).
     collate = Collator(pad_token_id=tokenizer.eos_token_id)
     print(f"train rows {len(train_data)}, held-out rows {len(eval_data)}")
+    print(f"the first training row, learned tokens in ⟦ ⟧:\n{show_masking(train_data[0], tokenizer)}")
 
     # Model: the frozen base in 4 bits (non-quantized weights stay fp32), LoRA on top.
     compute_dtype, bf16 = qlora_precision(device)

@@ -6,9 +6,20 @@ import re
 from typing import Any
 
 
+# `{% generation %}...{% endgeneration %}` blocks (the assistant's output, as a template marks it) are rendered
+# between these two private-use characters, then cut out of the text and returned as character spans.
+_GENERATION_START, _GENERATION_END = "\ue000", "\ue001"
+
+
 def render_chat(template: str, messages: list[dict[str, str]], add_generation_prompt: bool,
                 special_tokens: dict[str, str]) -> str:
     """Render `messages` with a chat template: jinja2 if installed (>= 3.1.6), else the built-in renderer."""
+    return render_chat_with_generation_spans(template, messages, add_generation_prompt, special_tokens)[0]
+
+
+def render_chat_with_generation_spans(template: str, messages: list[dict[str, str]], add_generation_prompt: bool,
+                                      special_tokens: dict[str, str]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the (start, end) character spans of its `{% generation %}` blocks, if any."""
     if not isinstance(messages, (list, tuple)) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages):
@@ -18,8 +29,17 @@ def render_chat(template: str, messages: list[dict[str, str]], add_generation_pr
     except ImportError:
         jinja2 = None
     if jinja2 is None or tuple(map(int, re.findall(r"\d+", jinja2.__version__)[:3])) < (3, 1, 6):
-        return render_builtin_chat(template, messages, add_generation_prompt, special_tokens)
-    return _render_jinja(template, messages, add_generation_prompt, special_tokens)
+        return render_builtin_chat(template, messages, add_generation_prompt, special_tokens), []
+    marked = _render_jinja(template, messages, add_generation_prompt, special_tokens)
+    text, spans, start = "", [], 0
+    for piece in re.split(f"([{_GENERATION_START}{_GENERATION_END}])", marked):
+        if piece == _GENERATION_START:
+            start = len(text)
+        elif piece == _GENERATION_END:
+            spans.append((start, len(text)))
+        else:
+            text += piece
+    return text, spans
 
 
 def _render_jinja(template: str, messages: list[dict[str, str]], add_generation_prompt: bool,
@@ -28,6 +48,7 @@ def _render_jinja(template: str, messages: list[dict[str, str]], add_generation_
     from datetime import datetime
 
     import jinja2.ext
+    import jinja2.nodes
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
@@ -37,7 +58,20 @@ def _render_jinja(template: str, messages: list[dict[str, str]], add_generation_
                sort_keys: bool = False) -> str:  # jinja's own tojson escapes HTML characters
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    class GenerationBlocks(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}`, as transformers: the block renders as is, marked."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
+
+        def _mark(self, caller) -> str:
+            return _GENERATION_START + caller() + _GENERATION_END
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, GenerationBlocks])
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     try:

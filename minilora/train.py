@@ -28,7 +28,7 @@ from torch import nn
 
 from .checkpointing import enable_gradient_checkpointing
 from .checks import check_fields, check_number
-from .data.collate import Collator
+from .data.collate import IGNORE_INDEX, Collator
 from .output_lock import output_dir_lock
 from .device import resolve_device
 from .plot import plot_metrics
@@ -251,9 +251,9 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig | No
         groups = _epoch_groups(len(train_data), state.epoch, config, rank, world)
         for group in groups[state.step_in_epoch:]:
             micro_batches = [[train_data[j] for j in indices] for indices in group]
-            totals = _forward_backward(ddp_model, micro_batches, collate_fn, device, autocast, world, scaler)
-            loss_sum, tokens, samples = totals.tolist()
-            step_loss = loss_sum / (len(group) * world)  # the global mean of the micro-batch losses
+            totals = _forward_backward(ddp_model, model, micro_batches, collate_fn, device, autocast, world, scaler)
+            loss_sum, targets, tokens, samples = totals.tolist()
+            step_loss = loss_sum / targets  # the mean over every label token (or example) of the global batch
             scaler.unscale_(optimizer)  # fp16: the true gradients, before clipping
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                        config.max_grad_norm or float("inf")).item()
@@ -328,7 +328,10 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig | No
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Sequence[dict], *, batch_size: int = 8, collate_fn: Callable | None = None,
              compute_metrics: Callable | None = None, bf16: bool = False, fp16: bool = False) -> dict[str, float]:
-    """{"eval_loss": ..., **eval_<metric>} of `model` on `data` (mean batch loss weighted by batch size).
+    """{"eval_loss": ..., **eval_<metric>} of `model` on `data`.
+
+    eval_loss is the mean over every target of `data` (label tokens for language models, examples for
+    classification and QA; see `loss_targets`), so exp(eval_loss) is the perplexity of the whole set.
 
     `compute_metrics(predictions, data)` receives, for each output the model returns among logits /
     start_logits / end_logits, a list with one float32 numpy array per example of `data` (in order), with
@@ -348,9 +351,9 @@ def evaluate(model: nn.Module, data: Sequence[dict], *, batch_size: int = 8, col
         with torch.autocast(device_type=device.type, dtype=torch.float16 if fp16 else torch.bfloat16,
                             enabled=bf16 or fp16):
             out = model(**batch)
-        loss = _field(out, "loss")
-        if loss is not None:
-            loss_sum, count = loss_sum + loss.float().item() * len(chunk), count + len(chunk)
+        loss, targets = _field(out, "loss"), loss_targets(model, batch)
+        if loss is not None and targets:
+            loss_sum, count = loss_sum + loss.float().item() * targets, count + targets
         if compute_metrics is not None:
             for name in ("logits", "start_logits", "end_logits"):
                 value = _field(out, name)
@@ -422,27 +425,42 @@ def _grad_scaler(model: nn.Module, config: TrainConfig, device: torch.device, st
     return scaler
 
 
-def _forward_backward(ddp_model: nn.Module, micro_batches: list[list[dict]], collate_fn: Callable,
+def _forward_backward(ddp_model: nn.Module, model: nn.Module, micro_batches: list[list[dict]], collate_fn: Callable,
                       device: torch.device, autocast, world: int, scaler: torch.amp.GradScaler) -> torch.Tensor:
-    """Accumulate the gradients of one optimizer step; returns [loss sum, tokens, samples] over all ranks.
+    """Accumulate the gradients of one optimizer step; returns [loss sum, targets, tokens, samples] over all ranks.
 
-    Each micro-batch loss is divided by their number so the gradients average. Under DDP gradients are
-    all-reduced on the last micro-batch only (`no_sync` before it).
+    The step's loss is the mean over every target (label token, or example: `loss_targets`) of every
+    micro-batch on every rank, as one process with the global batch would compute it: each micro-batch's
+    mean loss is weighted by its share of the step's targets, counted before any forward. DDP averages
+    gradients over ranks, hence the factor `world`. Gradients are all-reduced on the last micro-batch only.
     """
-    totals = torch.zeros(3, dtype=torch.float64)  # on the host: MPS has no float64
-    for i, features in enumerate(micro_batches):
-        batch = {k: v.to(device) for k, v in collate_fn(features).items()}
-        sync = world == 1 or i == len(micro_batches) - 1
+    batches = [collate_fn(features) for features in micro_batches]
+    counts = [loss_targets(model, batch) for batch in batches]  # on the CPU, before any forward
+    step_targets = torch.tensor([float(sum(counts))], dtype=torch.float64)
+    if world > 1:
+        step_targets = _all_reduce_sum(step_targets, device)
+    total = step_targets.item()
+    if total == 0:
+        raise ValueError("an optimizer step has no label token to learn (every label is -100): check the data")
+    totals = torch.zeros(4, dtype=torch.float64)  # on the host: MPS has no float64
+    for i, (batch, count) in enumerate(zip(batches, counts, strict=True)):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        sync = world == 1 or i == len(batches) - 1
         with nullcontext() if sync else ddp_model.no_sync():
             with autocast:
                 loss = _field(ddp_model(**batch), "loss")
             if loss is None:
                 raise ValueError(f"the model returned no loss for a batch with keys {sorted(batch)}: "
                                  "training needs labels in the features")
-            scaler.scale(loss / len(micro_batches)).backward()  # scale: fp16 only
-        totals += torch.tensor([loss.item(), _count_tokens(batch), len(features)], dtype=torch.float64)
+            if count:
+                scaler.scale(loss * (count * world / total)).backward()  # scale: fp16 only
+            else:  # a mean over no token is NaN; still touch every parameter so DDP's all-reduce runs
+                sum(p.sum() for p in model.parameters() if p.requires_grad).mul(0.0).backward()
+        totals += torch.tensor([loss.item() * count if count else 0.0, 0.0, _count_tokens(batch),
+                                len(micro_batches[i])], dtype=torch.float64)
     if world > 1:
         totals = _all_reduce_sum(totals, device)
+    totals[1] = total
     return totals
 
 
@@ -455,6 +473,21 @@ def _all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
         return values.cpu()
     dist.all_reduce(values)
     return values
+
+
+def loss_targets(model: nn.Module, batch: dict) -> int:
+    """How many targets the model's mean loss over `batch` averages, known before the forward pass.
+
+    Token losses, i.e. (batch, seq) integer `labels` of a model that says whether it is an encoder-decoder:
+    the labels that are not -100, after the one-position shift of a decoder-only language model (the
+    first label is never predicted) and without it for an encoder-decoder's decoder. Anything else
+    (classification, regression, extractive QA, a model of your own): one target per example.
+    """
+    labels = batch.get("labels")
+    is_encoder_decoder = getattr(model, "is_encoder_decoder", None)
+    if labels is not None and labels.dim() == 2 and not labels.is_floating_point() and is_encoder_decoder is not None:
+        return int((labels if is_encoder_decoder else labels[:, 1:]).ne(IGNORE_INDEX).sum())
+    return len(next(iter(batch.values())))
 
 
 def _count_tokens(batch: dict) -> int:

@@ -164,15 +164,16 @@ def test_causal_lm_prompt_tokens_are_masked():
         causal_lm_dataset(rows, tok, prompt_column="q")
 
 
-def test_causal_lm_packing_cuts_the_token_stream_into_full_blocks():
+def test_causal_lm_packing_places_whole_documents_in_rows():
     tok = tiny_tokenizer("gpt")
     rows = [{"text": "the cat sat on the mat"}, {"text": "a dog ran"}, {"text": "it was red"}]
-    stream = [t for r in rows for t in tok(r["text"])["input_ids"] + [3]]  # 8 + 5 + 5 = 18 tokens
-    f = causal_lm_dataset(rows, tok, max_length=5, packing=True)
-    assert [x["input_ids"] for x in f] == [stream[0:5], stream[5:10], stream[10:15]]  # tail of 3 dropped
-    assert all(x["labels"] == x["input_ids"] and x["attention_mask"] == [1] * 5 for x in f)
-    with pytest.raises(ValueError, match="fewer than one packed block"):
-        causal_lm_dataset(rows, tok, max_length=64, packing=True)
+    docs = [tok(r["text"])["input_ids"] + [3] for r in rows]  # 8, 5 and 5 tokens
+    f = causal_lm_dataset(rows, tok, max_length=10, packing=True)
+    assert [x["input_ids"] for x in f] == [docs[0], docs[1] + docs[2]]  # first-fit, longest first
+    assert f[1]["position_ids"] == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4] and f[1]["attention_mask"] == [1] * 10
+    assert f[1]["labels"] == [-100, *docs[1][1:], -100, *docs[2][1:]]  # never predicted across documents
+    cut = causal_lm_dataset(rows, tok, max_length=6, packing=True)  # the 8-token document is cut to 6
+    assert sorted(x["input_ids"] for x in cut) == sorted([docs[0][:6], docs[1], docs[2]])
 
 
 def test_causal_lm_errors_name_file_row_and_column(tmp_path):

@@ -250,6 +250,25 @@ def test_llama2_medical_qlora_end_to_end(tiny_llama, tmp_path):
     assert reloaded == pytest.approx(saved["after"]["eval_loss"], rel=1e-5)
 
 
+def test_llama2_medical_qlora_chat_learns_only_the_answers(tiny_llama, tmp_path, capsys):
+    rows = [{"question": q, "answer": a} for q, a in QA]
+    data = tmp_path / "medical.jsonl"
+    write_jsonl(data, rows)
+    out = tmp_path / "out"
+    results = llama2_medical_qlora.main(["--model", str(tiny_llama), "--data", str(data), "--output-dir", str(out),
+                                         "--device", "cpu", "--max-steps", "1", "--max-eval-samples", "2",
+                                         "--max-seq-length", "64", "--chat", "--logging-steps", "1"])
+    assert results["train_rows"] + results["eval_rows"] == len(QA)
+    shown = capsys.readouterr().out
+    assert "learned tokens in ⟦ ⟧" in shown and "⟦" in shown.split("learned tokens in ⟦ ⟧", 1)[1]
+    tokenizer = ml.load_tokenizer(tiny_llama)
+    args = llama2_medical_qlora.build_parser().parse_args(["--chat"])
+    features = llama2_medical_qlora.tokenize(rows[:1], args, tokenizer, "rows")
+    learned = [t for t, label in zip(features[0]["input_ids"], features[0]["labels"], strict=True) if label != -100]
+    answer = tokenizer.encode(QA[0][1], add_special_tokens=False)
+    assert learned[:len(answer)] == answer and 0 < len(learned) - len(answer) <= 2  # + the end of turn
+
+
 def test_flan_t5_qlora_end_to_end_and_from_adapter(tiny_t5, tmp_path):
     rows = [{"id": str(i), "system_prompt": SYSTEM if i % 2 else "", "question": q, "response": a}
             for i, (q, a) in enumerate(QA)]

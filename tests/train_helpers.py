@@ -87,6 +87,18 @@ def fixed_length_lm_data(n: int = 24, length: int = 10, seed: int = 0) -> list[d
     return rows
 
 
+def variable_length_lm_data(n: int = 24, seed: int = 0) -> list[dict]:
+    """Random token sequences of 3..16 tokens whose first 0..2 labels are -100 (a masked prompt): examples
+    with very different numbers of label tokens, where a mean of per-batch means is not the token mean."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length, masked = int(torch.randint(3, 17, (1,), generator=g)), int(torch.randint(0, 3, (1,), generator=g))
+        ids = torch.randint(4, VOCAB_SIZE, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": [-100] * masked + ids[masked:]})
+    return rows
+
+
 class TinyClassifier(nn.Module):
     """Mean-pooled embeddings -> dropout -> linear; per-example-mean cross-entropy loss."""
 
@@ -124,7 +136,8 @@ def main(out_dir: str, args_json: str) -> None:
 
     args = json.loads(args_json)
     model = tiny_lora_llama(seed=args.pop("model_seed", 0))
-    data = fixed_length_lm_data(n=args.pop("n", 24))
+    n = args.pop("n", 24)
+    data = variable_length_lm_data(n) if args.pop("variable_lengths", False) else fixed_length_lm_data(n)
     summary = train(model, data, TrainConfig(output_dir=out_dir, progress_bar=False, plot=False, **args))
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}

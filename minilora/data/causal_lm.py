@@ -4,10 +4,9 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..checks import check_number
-from .collate import Features
+from .collate import IGNORE_INDEX, Features
+from .packing import pack
 from .readers import get_text, require_rows, source_of
-
-IGNORE_INDEX = -100
 
 
 def causal_lm_dataset(records: Sequence[dict], tokenizer, *, max_length: int = 512, text_column: str = "text",
@@ -19,10 +18,11 @@ def causal_lm_dataset(records: Sequence[dict], tokenizer, *, max_length: int = 5
     - With `prompt_column` and `response_column`: prompt tokens (with the tokenizer's special tokens) are
       followed by the response tokens, and only the response is learned (prompt labels are -100).
     - `add_eos` appends the EOS token unless the text already ends with it.
-    - Without packing each example is truncated to `max_length` (the collator pads to the batch's longest);
-      examples left with no learnable token are dropped and counted in `num_dropped`.
-    - With `packing`, all examples are concatenated and cut into blocks of exactly `max_length` tokens (the
-      tail shorter than a block is dropped), so no padding is needed. Blocks can span example boundaries.
+    - Each example is truncated to `max_length` (the rest of a longer one is dropped; the collator pads to
+      the batch's longest); examples left with no learnable token are dropped and counted in `num_dropped`.
+    - With `packing`, whole examples share rows of up to `max_length` tokens (`minilora.data.packing`):
+      `position_ids` restart at 0 for each, the models keep attention inside each example and the first
+      label of each is -100, so the loss and gradients equal those of the examples unpacked.
     """
     require_rows(records, "causal_lm_dataset")
     if (prompt_column is None) != (response_column is None):
@@ -45,32 +45,20 @@ def causal_lm_dataset(records: Sequence[dict], tokenizer, *, max_length: int = 5
             raise ValueError("causal_lm_dataset: add_eos=True but the tokenizer has no eos_token_id")
         examples = [(ids + [eos], labels + [eos]) if ids[-1:] != [eos] else (ids, labels) for ids, labels in examples]
 
-    if packing:
-        return _pack(examples, max_length, source_of(records))
-    features = Features(source=source_of(records))
+    kept, dropped = [], 0
     for ids, labels in examples:
         ids, labels = ids[:max_length], labels[:max_length]
         if all(label == IGNORE_INDEX for label in labels):
-            features.num_dropped += 1
-            continue
-        features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    if not features:
+            dropped += 1
+        else:
+            kept.append((ids, labels))
+    if not kept:
         raise ValueError(f"causal_lm_dataset: no example of {source_of(records)} has a response token within "
                          f"max_length={max_length}")
-    return features
-
-
-def _pack(examples: list[tuple[list[int], list[int]]], block: int, source: str) -> Features:
-    ids = [t for example_ids, _ in examples for t in example_ids]
-    labels = [t for _, example_labels in examples for t in example_labels]
-    if len(ids) < block:
-        raise ValueError(f"causal_lm_dataset: {source} has {len(ids)} tokens in all, fewer than one packed block "
-                         f"of max_length={block}")
-    features = Features(source=source)
-    for start in range(0, len(ids) - block + 1, block):
-        block_labels = labels[start:start + block]
-        if all(label == IGNORE_INDEX for label in block_labels):
-            features.num_dropped += 1
-            continue
-        features.append({"input_ids": ids[start:start + block], "attention_mask": [1] * block, "labels": block_labels})
+    if packing:
+        features = pack(kept, max_length, source_of(records))
+    else:
+        features = Features(({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+                             for ids, labels in kept), source=source_of(records))
+    features.num_dropped = dropped
     return features

@@ -5,13 +5,16 @@ from typing import Iterable, Sequence
 
 import torch
 
+IGNORE_INDEX = -100  # a label the loss skips (prompt tokens, padding, another document's boundary)
+
 # Feature keys the models take, with the value that pads them (None: the tokenizer's pad token id).
 # Other keys (offset_mapping, example_id, ...) stay in the features for post-processing only.
 PAD_VALUES: dict[str, int | None] = {
     "input_ids": None,
     "attention_mask": 0,
     "token_type_ids": 0,
-    "labels": -100,  # ignored by the loss
+    "labels": IGNORE_INDEX,
+    "position_ids": 0,  # packed rows: positions restart at 0 for each document
     "decoder_input_ids": None,
     "decoder_attention_mask": 0,
     "start_positions": None,  # scalars: never padded

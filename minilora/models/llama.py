@@ -23,6 +23,7 @@ from minilora import fused, gemm
 from minilora.checkpointing import run_block
 from minilora.lora import shared_input
 from minilora.models.inputs import checked_token_ids
+from minilora.models.masks import restrict_to_documents
 from minilora.models.outputs import ModelOutput
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # one (key, value) pair per layer, (batch, kv_heads, seq, head_dim)
@@ -258,6 +259,7 @@ class LlamaModel(nn.Module):
             position_ids = position_ids.unsqueeze(0)
         mask = attention_mask_4d(attention_mask, seq, past_len, input_ids.device)
         input_ids = checked_token_ids(input_ids, self.embed_tokens)
+        mask = restrict_to_documents(mask, position_ids, past_len)  # packed rows: no attention across documents
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(x, position_ids)
         new_cache: KVCache = []
