@@ -34,7 +34,7 @@ KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # one (key, value) pair per l
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")
-ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu}
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 # SDPA shares key/value heads among query heads itself since torch 2.5 (no repeated copies of K and V).
 SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -69,6 +69,7 @@ class LlamaConfig:
     final_logit_softcapping: float | None = None  # logits -> c * tanh(logits / c)
     rope_local_theta: float | None = None  # RoPE base of sliding layers, unscaled (Gemma 3); None: as full layers
     partial_rotary_factor: float = 1.0  # rotate only the first head_dim * factor dimensions of q and k
+    original_max_position_embeddings: int | None = None  # pre-training length for llama3 / longrope scaling
     resid_pdrop: float = 0.0  # dropout on the attention and MLP outputs before the residual add (Phi-3)
     model_type: str = "llama"
     raw: dict = field(default_factory=dict)
