@@ -247,14 +247,16 @@ class LlamaRMSNorm(nn.Module):
 
 def softcapped_attention(q, k, v, mask, scale: float, softcap: float, dropout: float) -> torch.Tensor:
     """Attention with scores soft-capped to (-softcap, softcap) by tanh (Gemma 2), which SDPA cannot do: the
-    plain ops of transformers' eager path, probabilities in fp32. mask as `attention_mask_4d` returns it."""
+    plain ops of transformers' eager path, probabilities in fp32. mask as `attention_mask_4d` returns it;
+    masked scores get the dtype's minimum added, as there, so a padding query that sees no key averages all
+    values (the loss sees that output at the last padding position) and its gradient flows the same way."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = torch.tanh(q @ k.transpose(-1, -2) * scale / softcap) * softcap
     if mask is None and q.shape[2] > 1:
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores + torch.zeros_like(mask, dtype=scores.dtype).masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = F.dropout(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), dropout)
     return probs @ v
 
@@ -303,6 +305,9 @@ class LlamaAttention(nn.Module):
             k, v = torch.cat((past_kv[0], k), dim=2), torch.cat((past_kv[1], v), dim=2)
         new_kv = (k, v)
         dropout = self.attention_dropout if self.training else 0.0
+        if self.softcap is not None:
+            out = softcapped_attention(q, k, v, mask, self.scaling, self.softcap, dropout)
+            return gemm.apply_linear(self.o_proj, out.transpose(1, 2).reshape(batch, seq, -1)), new_kv
         sees_nothing = None
         if mask is not None:
             # A left-padding query may see no key at all. Softmax over nothing is NaN on some backends, so
@@ -310,9 +315,7 @@ class LlamaAttention(nn.Module):
             sees_nothing = ~mask.any(dim=-1, keepdim=True)
             mask = mask | sees_nothing
         training_on_cpu = q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or v.requires_grad)
-        if self.softcap is not None:
-            out = softcapped_attention(q, k, v, mask, self.scaling, self.softcap, dropout)
-        elif training_on_cpu and past_kv is None and dropout == 0:
+        if training_on_cpu and past_kv is None and dropout == 0:
             out = fused.attention(q, k, v, mask, scale=self.scaling)  # SDPA's CPU backward is ~2x slower
         else:
             if not SDPA_HAS_GQA:
@@ -476,6 +479,13 @@ class LlamaForCausalLM(nn.Module):
         if labels is not None:
             loss = fused.causal_lm_loss(logits, labels)
         return ModelOutput(loss=loss, logits=logits, past_key_values=cache)
+
+    @property
+    def stale_cache_length(self) -> int | None:
+        """Longrope switches to its long factors past original_max_position_embeddings, so keys cached before
+        are rotated differently: generation recomputes the cache once a sequence grows past this length."""
+        scaling = self.config.rope_scaling
+        return scaling["original_max_position_embeddings"] if scaling and scaling["rope_type"] == "longrope" else None
 
     @staticmethod
     def reorder_cache(past_key_values: KVCache, beam_idx: torch.Tensor) -> KVCache:
