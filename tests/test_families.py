@@ -15,7 +15,7 @@ from minilora.models.llama import attention_mask_4d
 
 transformers.logging.set_verbosity_error()
 
-VOCAB, PAD, EOS = 96, 0, 2
+VOCAB, PAD, EOS = 96, 3, 2  # PAD != 0: transformers' beam search pads with EOS when the pad id is 0
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS)
 WINDOW = 8  # sequences below are 20+ tokens: sliding layers really drop keys
@@ -64,7 +64,7 @@ def load_hf(folder, **kwargs):
 
 
 def left_padded(batch: int = 3, seq: int = 24, seed: int = 1):
-    ids = torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(4, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
     if batch > 1:
         mask[1, :5] = 0
