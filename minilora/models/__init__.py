@@ -89,7 +89,8 @@ TASK_ALIASES = {
 def model_family(model_type: str | None) -> ModelFamily:
     """The registry entry for a config.json `model_type`; ValueError listing the supported ones otherwise."""
     if model_type in REFUSED_MODEL_TYPES:
-        raise ValueError(f"model_type {model_type!r} in config.json is not supported: {REFUSED_MODEL_TYPES[model_type]}")
+        raise ValueError(f"model_type {model_type!r} in config.json is not supported: "
+                         f"{REFUSED_MODEL_TYPES[model_type]}")
     if model_type not in FAMILIES:
         raise ValueError(f"unsupported model_type {model_type!r} in config.json: minilora supports "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")

@@ -95,7 +95,8 @@ class LlamaConfig:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported for model_type {self.model_type!r}: "
                              f"expected one of {tuple(ACTIVATIONS)}")
         if self.layer_types is None:
-            self.layer_types = ["sliding_attention" if self.sliding_window else "full_attention"] * self.num_hidden_layers
+            kind = "sliding_attention" if self.sliding_window else "full_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
         if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) - set(LAYER_TYPES):
             raise ValueError(f"layer_types must list one of {LAYER_TYPES} for each of the {self.num_hidden_layers} "
                              f"layers, got {self.layer_types}")
@@ -118,8 +119,8 @@ class LlamaConfig:
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"config.json rope_scaling / rope_parameters: rope type {rope_type!r} is not supported "
                              f"by minilora; expected one of {ROPE_TYPES}")
-        required = {"longrope": {"short_factor", "long_factor"}, "llama3": {"factor", "low_freq_factor",
-                                                                           "high_freq_factor"}}.get(rope_type, {"factor"})
+        required = {"longrope": {"short_factor", "long_factor"},
+                    "llama3": {"factor", "low_freq_factor", "high_freq_factor"}}.get(rope_type, {"factor"})
         if required - params.keys():
             raise KeyError(f"rope scaling {rope_type!r} in config is missing {sorted(required - params.keys())}")
         if rope_type in ("llama3", "longrope"):
@@ -175,8 +176,9 @@ def rope_inv_freq(config: LlamaConfig, seq_len: int | None = None, device=None, 
     `local`: the frequencies of sliding-window layers when they have their own base (Gemma 3, unscaled).
     """
     dim = config.rotary_dim
-    base = config.rope_local_theta if local and config.rope_local_theta is not None else config.rope_theta
-    scaling = (None if local and config.rope_local_theta is not None else config.rope_scaling) or {"rope_type": "default"}
+    own_base = local and config.rope_local_theta is not None
+    base = config.rope_local_theta if own_base else config.rope_theta
+    scaling = (None if own_base else config.rope_scaling) or {"rope_type": "default"}
     kind = scaling["rope_type"]
     if kind == "dynamic" and seq_len is not None and seq_len > config.max_position_embeddings:
         factor = scaling["factor"]
