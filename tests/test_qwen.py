@@ -55,7 +55,8 @@ def test_logits_match_transformers_on_real_text(folder, model, tokenizer):
     # bf16 rounding apart (transformers multiplies in bf16, minilora in fp32 on CPUs without bf16 kernels)
     log_probs, expected_log_probs = torch.log_softmax(got, -1), torch.log_softmax(expected, -1)
     assert (log_probs - expected_log_probs).abs().max() < 0.75
-    assert (log_probs - expected_log_probs).abs().mean() < 0.05
+    assert (log_probs - expected_log_probs).abs().mean() < 0.1  # bf16's step at |logit| ~16 is 0.0625
+    torch.testing.assert_close(log_probs.exp(), expected_log_probs.exp(), atol=0.05, rtol=0)
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
 
 
