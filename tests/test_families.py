@@ -81,6 +81,17 @@ def test_loads_as_its_family_with_hf_names(family_dir):
     assert set(model.state_dict()) == hf_keys | ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
 
 
+def test_saved_model_loads_in_transformers(family_dir, tmp_path):
+    family, folder = family_dir
+    ours = ml.from_pretrained(folder, dtype=torch.float32)
+    ml.save_pretrained(ours, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [FAMILIES[family][1]]
+    theirs = load_hf(tmp_path)
+    ids = left_padded(batch=1, seq=20)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-4, rtol=0)
+
+
 def test_logits_match_transformers_with_and_without_padding(family_dir):
     family, folder = family_dir
     hf, ours = load_hf(folder), ml.from_pretrained(folder, dtype=torch.float32)

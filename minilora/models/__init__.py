@@ -19,17 +19,6 @@ class ModelFamily:
 
 FAMILIES: dict[str, ModelFamily] = {
     "llama": ModelFamily("minilora.models.llama", "LlamaConfig", {"causal-lm": "LlamaForCausalLM"}, "causal-lm"),
-    # Decoders that are Llama with a few config switches (minilora/models/families.py).
-    **{model_type: ModelFamily("minilora.models.families", config, {"causal-lm": model}, "causal-lm")
-       for model_type, config, model in [
-           ("qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
-           ("qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
-           ("mistral", "MistralConfig", "MistralForCausalLM"),
-           ("gemma", "GemmaConfig", "GemmaForCausalLM"),
-           ("gemma2", "Gemma2Config", "Gemma2ForCausalLM"),
-           ("gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM"),
-           ("phi3", "Phi3Config", "Phi3ForCausalLM"),
-       ]},
     "bert": ModelFamily(
         "minilora.models.bert",
         "BertConfig",
@@ -41,6 +30,17 @@ FAMILIES: dict[str, ModelFamily] = {
         "base",
     ),
     "t5": ModelFamily("minilora.models.t5", "T5Config", {"seq2seq": "T5ForConditionalGeneration"}, "seq2seq"),
+    # Decoders that are Llama with a few config switches (minilora/models/families.py).
+    **{model_type: ModelFamily("minilora.models.families", config, {"causal-lm": model}, "causal-lm")
+       for model_type, config, model in [
+           ("qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
+           ("qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
+           ("mistral", "MistralConfig", "MistralForCausalLM"),
+           ("gemma", "GemmaConfig", "GemmaForCausalLM"),
+           ("gemma2", "Gemma2Config", "Gemma2ForCausalLM"),
+           ("gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM"),
+           ("phi3", "Phi3Config", "Phi3ForCausalLM"),
+       ]},
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # Model types minilora knows and refuses, with the reason.

@@ -141,7 +141,7 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, d: dict) -> LlamaConfig:
         """Build from a Hugging Face config.json dict (v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters`)."""
-        d = cls.normalized(dict(d))
+        raw, d = dict(d), cls.normalized(dict(d))
         known = ({f.name for f in fields(cls)} - _FAMILY_ONLY_KEYS - cls.ignored_keys | cls.family_keys) - {
             "raw", "rope_theta", "rope_scaling", "partial_rotary_factor"}
         kwargs = {k: d[k] for k in known if d.get(k) is not None}
@@ -153,7 +153,7 @@ class LlamaConfig:
         factor = rope.get("partial_rotary_factor") or d.get("partial_rotary_factor")
         if factor is not None and "partial_rotary_factor" in cls.family_keys:
             kwargs["partial_rotary_factor"] = float(factor)
-        return cls(**kwargs, rope_scaling=rope, raw=dict(d))
+        return cls(**kwargs, rope_scaling=rope, raw=raw)
 
     @classmethod
     def normalized(cls, d: dict) -> dict:
