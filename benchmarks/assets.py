@@ -49,7 +49,7 @@ CHECKPOINTS = {
 }
 PREQUANTIZED = "tinyllama-1.1b-nf4-minilora"  # written by minilora's save_pretrained from the bf16 checkpoint
 REAL_MODELS = {"smollm2-135m": "SmolLM2-135M-Instruct", "bert-tokenizer": "all-MiniLM-L6-v2",
-               "t5-tokenizer": "t5-random-flan-small-shape"}
+               "t5-tokenizer": "t5-random-flan-small-shape", "qwen2.5-0.5b": "Qwen2.5-Coder-0.5B-Instruct"}
 
 
 def real_model_dir(name: str) -> Path | None:
@@ -163,9 +163,9 @@ def _tokenizer(name: str, vocab_size: int):
 
 
 def lm_batches(vocab_size: int, batch_size: int, seq_len: int, n_batches: int, seed: int = 0,
-               eos_id: int = 2) -> tuple[str, list[dict]]:
+               eos_id: int = 2, tokenizer: str = "smollm2-135m") -> tuple[str, list[dict]]:
     """Causal-LM batches of packed guanaco chat text (no padding): (data description, batches)."""
-    rows, tok = _rows("guanaco_llama2_1k"), _tokenizer("smollm2-135m", vocab_size)
+    rows, tok = _rows("guanaco_llama2_1k"), _tokenizer(tokenizer, vocab_size)
     need = batch_size * seq_len * n_batches
     ids, source = None, "random ids"
     if rows and tok:

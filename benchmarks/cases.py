@@ -93,6 +93,24 @@ def train_step(stack: str, precision: str = "bf16", gradient_checkpointing: bool
             "load_peak_mem": load_peak, **result}
 
 
+def qwen_train_step(stack: str, precision: str = "nf4", batch_size: int = 2, seq_len: int = 256, warmup: int = 1,
+                    steps: int = 2, lr: float = 2e-4, r: int = 16, alpha: float = 32, dropout: float = 0.05,
+                    seed: int = 0, device: str = "cpu") -> dict:
+    """Qwen2.5-Coder-0.5B (real weights, ../shared/tools/make_qwen.sh) LoRA / QLoRA steps on packed chat text."""
+    path = assets.real_model_dir("qwen2.5-0.5b")
+    if path is None:
+        return {"status": "missing", "reason": "Qwen2.5-Coder-0.5B-Instruct is not built (make_qwen.sh)"}
+    dev = setup(device, seed)
+    vocab, eos = (json.loads((path / "config.json").read_text())[k] for k in ("vocab_size", "eos_token_id"))
+    source, batches = assets.lm_batches(vocab, batch_size, seq_len, warmup + steps, seed, eos_id=eos,
+                                        tokenizer="qwen2.5-0.5b")
+    load_s, model = timed(lambda: load(stack, path, precision=precision, device=dev), dev)
+    model = add_lora(stack, model, r=r, alpha=alpha, dropout=dropout, targets=LLAMA_PROJECTIONS)
+    seeded_lora_init(model, seed)
+    result = _train(stack, model, batches, warmup, lr, dev, False, batch_size * seq_len)
+    return {"model": "Qwen2.5-Coder-0.5B (real weights)", "data": source, "load_s": load_s, **result}
+
+
 TASKS = {  # task -> (checkpoint, LoRA targets, modules_to_save)
     "sequence-classification": ("bert-base-random", BERT_TARGETS, ["classifier"]),
     "question-answering": ("bert-base-random", BERT_TARGETS, ["qa_outputs"]),
@@ -256,8 +274,8 @@ def prepare(name: str) -> dict:
     return {"path": str(assets.prepare(name))}
 
 
-CASES = {f.__name__: f for f in (train_step, task_step, load_checkpoint, generation, import_time, interop,
-                                 prepare)}
+CASES = {f.__name__: f for f in (train_step, qwen_train_step, task_step, load_checkpoint, generation, import_time,
+                                 interop, prepare)}
 
 
 def main(argv: list[str]) -> int:

@@ -42,3 +42,16 @@ def test_loss_curve(compare, bench, precision):
         first, last = sum(result["losses"][:4]), sum(result["losses"][-4:])
         assert last < 0.98 * first, f"{stack}: the loss did not fall: {result['losses']}"
     assert report.max_relative_loss_diff(pairs) <= report.LOSS_TOLERANCE[precision]
+
+
+def test_qwen_qlora_step(compare, bench):
+    """Qwen2.5-0.5B (a second decoder family, real weights) QLoRA NF4 steps, batch 2 x 256."""
+    from benchmarks import assets
+    if assets.real_model_dir("qwen2.5-0.5b") is None:
+        pytest.skip("Qwen2.5-Coder-0.5B-Instruct is not built: bash ../shared/tools/make_qwen.sh")
+    params = {"precision": "nf4", "batch_size": 2, "seq_len": 256, "warmup": 1, "steps": 2 if bench.quick else 3}
+    pairs = compare("train:qwen2.5-0.5b:nf4", "qwen_train_step", params,
+                    lambda p: report.train_rows(report.SECTIONS["train"], "Qwen2.5-0.5B QLoRA NF4, bf16 compute", p))
+    assert pairs["minilora"]["trainable"] == pairs["peft"]["trainable"]
+    for stack, result in pairs.items():
+        assert all(0 < loss < 20 for loss in result["losses"]), f"{stack}: {result['losses']}"

@@ -167,8 +167,10 @@ class _Rotary(torch.autograd.Function):
 # Attention
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(head_dim) + mask) v, the math of `F.scaled_dot_product_attention`.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v, the math of `F.scaled_dot_product_attention` (scale: 1 / sqrt(head_dim)
+    when None).
 
     q (batch, heads, q_len, head_dim); k, v (batch, kv_heads, kv_len, head_dim) where heads is a multiple of
     kv_heads (query head h uses key/value head h // (heads // kv_heads), no repeat needed). mask: None for
@@ -190,7 +192,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         q, k, v = (t.to(torch.get_autocast_dtype(q.device.type)) for t in (q, k, v))
     bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
     with torch.autocast(q.device.type, enabled=False):
-        return _Attention.apply(q, k, v, bias)
+        return _Attention.apply(q, k, v, bias, q.shape[-1] ** -0.5 if scale is None else scale)
 
 
 class _Attention(torch.autograd.Function):
@@ -198,16 +200,18 @@ class _Attention(torch.autograd.Function):
     each product is one batched matmul and the backward sums the groups' key/value gradients for free."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                scale: float) -> torch.Tensor:
         batch, heads, q_len, head_dim = q.shape
         kv_heads, kv_len = k.shape[1], k.shape[2]
         groups = heads // kv_heads
-        q = (q * head_dim ** -0.5).reshape(batch, kv_heads, groups * q_len, head_dim)
+        q = (q * scale).reshape(batch, kv_heads, groups * q_len, head_dim)
         scores = gemm.matmul(q, k.transpose(-1, -2)).view(batch, kv_heads, groups, q_len, kv_len)
         scores += bias.unsqueeze(1)  # (batch | 1, 1, 1, q_len, kv_len)
         probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, groups * q_len, kv_len)
         out = gemm.matmul(probs, v).view(batch, heads, q_len, head_dim)
         ctx.save_for_backward(q, k, v, probs, out)
+        ctx.scale = scale
         return out
 
     @staticmethod
@@ -222,6 +226,6 @@ class _Attention(torch.autograd.Function):
         # In the input dtype: fp32 mixed-dtype elementwise ops cost 3x the whole pass on CPU.
         delta = (grad_out * out.view_as(grad_out)).sum(-1, keepdim=True, dtype=torch.float32)
         grad_scores = grad_probs.sub_(delta.to(q.dtype)).mul_(probs)
-        grad_q = gemm.matmul(grad_scores, k) * head_dim ** -0.5
+        grad_q = gemm.matmul(grad_scores, k) * ctx.scale
         grad_k = gemm.matmul(grad_scores.transpose(-1, -2), q)
-        return grad_q.view(out.shape), grad_k, grad_v, None
+        return grad_q.view(out.shape), grad_k, grad_v, None, None

@@ -4,7 +4,9 @@ Works with any minilora model that follows the generation contract:
 - decoder-only: `model(input_ids, attention_mask=, position_ids=, past_key_values=, use_cache=True)`;
 - encoder-decoder (`is_encoder_decoder = True`): `model.encode(input_ids, attention_mask)` once, then
   `model(attention_mask=, decoder_input_ids=, encoder_outputs=, past_key_values=, use_cache=True)`;
-- both: `model.reorder_cache(past_key_values, beam_idx)` for beam search.
+- both: `model.reorder_cache(past_key_values, beam_idx)` for beam search;
+- optional `model.stale_cache_length`: once a sequence grows past it, the cache is recomputed once from all
+  tokens (longrope RoPE re-encodes every position with its long factors there, as transformers' Phi-3 does).
 Token choices follow Hugging Face's `generate` so outputs match it token for token.
 """
 from __future__ import annotations
@@ -42,10 +44,17 @@ class _Decoder:
             out = self.model(attention_mask=self.mask, decoder_input_ids=tokens, encoder_outputs=self.encoder_out,
                              past_key_values=self.cache, use_cache=True)
         else:
+            if self.cache is None:
+                self.ids = tokens
+            else:
+                self.ids = torch.cat((self.ids, tokens), dim=-1)
+                if self.mask is not None:
+                    self.mask = torch.cat((self.mask, self.mask.new_ones(tokens.shape)), dim=-1)
+                stale = getattr(self.model, "stale_cache_length", None)
+                if stale is not None and self.ids.shape[1] > stale >= self.ids.shape[1] - tokens.shape[1]:
+                    self.cache, tokens = None, self.ids  # positions re-encoded from here on: recompute the cache
             positions = None  # no padding: the model counts positions from the cache length
             if self.mask is not None:
-                if self.cache is not None:
-                    self.mask = torch.cat((self.mask, self.mask.new_ones(tokens.shape)), dim=-1)
                 # Left padding: real tokens count from 0 whatever the pad length.
                 positions = (self.mask.long().cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
                 positions = positions[:, -tokens.shape[1]:]
@@ -56,6 +65,8 @@ class _Decoder:
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         self.cache = self.model.reorder_cache(self.cache, beam_idx)
+        if not self.seq2seq:
+            self.ids = self.ids.index_select(0, beam_idx.to(self.ids.device))
 
 
 @torch.no_grad()

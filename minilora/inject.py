@@ -9,9 +9,11 @@ from torch import nn
 from .config import LoraConfig
 from .lora import LoraLinear, dense_linear
 
-# target_modules=None picks what peft picks for these model types.
-DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "t5": ["q", "v"],
-                   "roberta": ["query", "value"], "xlm-roberta": ["query", "value"]}
+# target_modules=None picks what peft picks for these model types (peft has no default for phi3).
+DEFAULT_TARGETS = {"bert": ["query", "value"], "t5": ["q", "v"], "roberta": ["query", "value"],
+                   "xlm-roberta": ["query", "value"],
+                   **{t: ["q_proj", "v_proj"] for t in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2",
+                                                        "gemma3_text")}}
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -47,7 +49,8 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Module paths that `config` puts LoRA on; raises naming real paths when nothing matches."""
     targets = config.target_modules
     if targets is None:
-        model_type = getattr(getattr(model, "config", None), "raw", {}).get("model_type")
+        model_config = getattr(model, "config", None)
+        model_type = getattr(model_config, "raw", {}).get("model_type") or getattr(model_config, "model_type", None)
         if model_type not in DEFAULT_TARGETS:
             raise ValueError("LoraConfig.target_modules is None and there is no default for model type "
                              f"{model_type!r}: pass a list of module names, a regex or 'all-linear'")

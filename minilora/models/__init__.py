@@ -50,14 +50,33 @@ FAMILIES: dict[str, ModelFamily] = {
         },
         "base",
     ),
+    # Decoders that are Llama with a few config switches (minilora/models/families.py).
+    **{model_type: ModelFamily("minilora.models.families", config, {"causal-lm": model}, "causal-lm")
+       for model_type, config, model in [
+           ("qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
+           ("qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
+           ("mistral", "MistralConfig", "MistralForCausalLM"),
+           ("gemma", "GemmaConfig", "GemmaForCausalLM"),
+           ("gemma2", "Gemma2Config", "Gemma2ForCausalLM"),
+           ("gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM"),
+           ("phi3", "Phi3Config", "Phi3ForCausalLM"),
+       ]},
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+# Model types minilora knows and refuses, with the reason.
+REFUSED_MODEL_TYPES = {
+    "gemma3": "a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration: vision tower + language model); "
+              "minilora loads text-only Gemma 3 checkpoints (model_type 'gemma3_text', e.g. gemma-3-1b / "
+              "gemma-3-270m), so use one of those or save the language model alone first",
+}
 
 # HF class names found in config.json "architectures" -> minilora task. Heads minilora lacks (masked LM,
 # pre-training) map to the base model: their extra head tensors are dropped with a warning on load.
 ARCHITECTURE_TASKS = {
     "LlamaForCausalLM": "causal-lm",
     "LlamaModel": "causal-lm",
+    **{f"{name}{suffix}": "causal-lm" for name in ("Qwen2", "Qwen3", "Mistral", "Gemma", "Gemma2", "Gemma3", "Phi3")
+       for suffix in ("ForCausalLM", "Model")},
     "BertModel": "base",
     "BertForMaskedLM": "base",
     "BertForPreTraining": "base",
@@ -97,6 +116,9 @@ TASK_ALIASES = {
 
 def model_family(model_type: str | None) -> ModelFamily:
     """The registry entry for a config.json `model_type`; ValueError listing the supported ones otherwise."""
+    if model_type in REFUSED_MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} in config.json is not supported: "
+                         f"{REFUSED_MODEL_TYPES[model_type]}")
     if model_type not in FAMILIES:
         raise ValueError(f"unsupported model_type {model_type!r} in config.json: minilora supports "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")

@@ -1,10 +1,15 @@
-"""Llama decoder-only transformer: RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP.
+"""Llama-style decoder-only transformer: RMSNorm, rotary positions, grouped-query attention, gated MLP.
 
 Module and parameter names match Hugging Face's `LlamaForCausalLM`, so its safetensors state dict loads as is.
 Data flow per layer (pre-norm residual blocks):
 
     x = x + o_proj(attention(rope(q_proj(norm(x))), rope(k_proj(norm(x))), v_proj(norm(x))))
     x = x + down_proj(silu(gate_proj(norm(x))) * up_proj(norm(x)))
+
+The other decoder families (Qwen2/3, Mistral, Gemma 1/2/3, Phi-3; see `minilora.models.families`) are this
+model with a few switches of their config: bias on q/k/v only, RMSNorm on q and k, Gemma's `x * (1 + w)` norm
+and scaled embeddings, norms around the attention and MLP outputs, soft-capped logits, sliding-window layers
+with their own RoPE base, partial rotary dimensions, and Phi-3's fused `qkv_proj` / `gate_up_proj`.
 
 Training-speed details live elsewhere: norm, rope, attention (on CPU, with grad) and the loss use the
 hand-written backward passes of `minilora.fused`; `shared_input` runs the LoRA branches of q/k/v and of
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +34,11 @@ from minilora.models.outputs import ModelOutput
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # one (key, value) pair per layer, (batch, kv_heads, seq, head_dim)
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+# SDPA shares key/value heads among query heads itself since torch 2.5 (no repeated copies of K and V).
+SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 @dataclass
@@ -45,7 +55,7 @@ class LlamaConfig:
     initializer_range: float = 0.02
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "linear" | "dynamic" | "llama3", "factor": ..., ...}
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "dynamic" | "llama3" | "longrope", "factor": ..., ...}
     attention_bias: bool = False
     attention_dropout: float = 0.0
     mlp_bias: bool = False
@@ -53,7 +63,27 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
+    # Used by other families (their config.json keys, read only where `family_keys` lists them).
+    sliding_window: int | None = None  # a sliding layer's query sees the last `sliding_window` keys (itself included)
+    layer_types: list[str] | None = None  # per layer "full_attention" | "sliding_attention"; None: all full
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5; None: head_dim ** -0.5
+    attn_logit_softcapping: float | None = None  # scores -> c * tanh(scores / c)
+    final_logit_softcapping: float | None = None  # logits -> c * tanh(logits / c)
+    rope_local_theta: float | None = None  # RoPE base of sliding layers, unscaled (Gemma 3); None: as full layers
+    partial_rotary_factor: float = 1.0  # rotate only the first head_dim * factor dimensions of q and k
+    original_max_position_embeddings: int | None = None  # pre-training length for llama3 / longrope scaling
+    resid_pdrop: float = 0.0  # dropout on the attention and MLP outputs before the residual add (Phi-3)
+    model_type: str = "llama"
     raw: dict = field(default_factory=dict)
+
+    # Architecture switches of a family (class attributes of its config subclass, never read from config.json).
+    family_keys: ClassVar[frozenset[str]] = frozenset()  # config.json keys beyond Llama's that the family reads
+    ignored_keys: ClassVar[frozenset[str]] = frozenset()  # Llama keys the family's transformers class ignores
+    qkv_bias: ClassVar[bool] = False  # bias on q/k/v whatever attention_bias says (Qwen2)
+    qk_norm: ClassVar[bool] = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3, Gemma 3)
+    gemma_norm: ClassVar[bool] = False  # RMSNorm as x * (1 + w) in fp32, embeddings * sqrt(hidden_size)
+    sandwich_norm: ClassVar[bool] = False  # norms after attention and MLP too (Gemma 2/3)
+    fused_projections: ClassVar[bool] = False  # qkv_proj and gate_up_proj (Phi-3)
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -63,44 +93,94 @@ class LlamaConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
-        if self.hidden_act != "silu":
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported: Llama uses 'silu'")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported for model_type {self.model_type!r}: "
+                             f"expected one of {tuple(ACTIVATIONS)}")
+        if self.layer_types is None:
+            kind = "sliding_attention" if self.sliding_window else "full_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
+        if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) - set(LAYER_TYPES):
+            raise ValueError(f"layer_types must list one of {LAYER_TYPES} for each of the {self.num_hidden_layers} "
+                             f"layers, got {self.layer_types}")
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            raise ValueError("layer_types has sliding_attention layers but config field sliding_window is not set")
         self.rope_scaling = self._checked_rope_scaling()
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def _checked_rope_scaling(self) -> dict | None:
         """rope_scaling with `rope_type` spelled out (old configs say `type`); None for plain RoPE."""
         params = dict(self.rope_scaling or {})
-        params.pop("rope_theta", None)
+        for key in ("rope_theta", "partial_rotary_factor"):
+            params.pop(key, None)
         rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
         if rope_type == "default":
             return None
         if rope_type not in ROPE_TYPES:
-            raise ValueError(f"rope type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
-        required = {"factor"} | ({"low_freq_factor", "high_freq_factor"} if rope_type == "llama3" else set())
+            raise ValueError(f"config.json rope_scaling / rope_parameters: rope type {rope_type!r} is not supported "
+                             f"by minilora; expected one of {ROPE_TYPES}")
+        required = {"longrope": {"short_factor", "long_factor"},
+                    "llama3": {"factor", "low_freq_factor", "high_freq_factor"}}.get(rope_type, {"factor"})
         if required - params.keys():
             raise KeyError(f"rope scaling {rope_type!r} in config is missing {sorted(required - params.keys())}")
-        if rope_type == "llama3":
-            params.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+        if rope_type in ("llama3", "longrope"):
+            # Phi-3 keeps the pre-training length at the top level of config.json; it wins, as in transformers.
+            old_len = self.original_max_position_embeddings or params.get("original_max_position_embeddings")
+            params["original_max_position_embeddings"] = old_len or self.max_position_embeddings
+        if rope_type == "longrope":
+            old_len = params["original_max_position_embeddings"]
+            factor = params.get("factor") or self.max_position_embeddings / old_len
+            if params.get("attention_factor") is None:
+                params["attention_factor"] = math.sqrt(1 + math.log(factor) / math.log(old_len)) if factor > 1 else 1.0
+            for key in ("short_factor", "long_factor"):
+                if len(params[key]) != self.rotary_dim // 2:
+                    raise ValueError(f"rope scaling longrope: {key} has {len(params[key])} entries, expected "
+                                     f"rotary_dim // 2 = {self.rotary_dim // 2}")
         return {"rope_type": rope_type, **params}
 
     @classmethod
     def from_dict(cls, d: dict) -> LlamaConfig:
         """Build from a Hugging Face config.json dict (v4 `rope_theta`/`rope_scaling` or v5 `rope_parameters`)."""
-        known = {f.name for f in fields(cls)} - {"raw", "rope_theta", "rope_scaling"}
+        raw, d = dict(d), cls.normalized(dict(d))
+        known = ({f.name for f in fields(cls)} - _FAMILY_ONLY_KEYS - cls.ignored_keys | cls.family_keys) - {
+            "raw", "rope_theta", "rope_scaling", "partial_rotary_factor"}
         kwargs = {k: d[k] for k in known if d.get(k) is not None}
+        kwargs.update({k: None for k in known & _NULLABLE_KEYS if k in d and d[k] is None})
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
-        kwargs["rope_theta"] = float(rope.get("rope_theta") or d.get("rope_theta") or 10000.0)
-        return cls(**kwargs, rope_scaling=rope, raw=dict(d))
+        theta = rope.get("rope_theta") or d.get("rope_theta")
+        if theta is not None:
+            kwargs["rope_theta"] = float(theta)
+        factor = rope.get("partial_rotary_factor") or d.get("partial_rotary_factor")
+        if factor is not None and "partial_rotary_factor" in cls.family_keys:
+            kwargs["partial_rotary_factor"] = float(factor)
+        return cls(**kwargs, rope_scaling=rope, raw=raw)
+
+    @classmethod
+    def normalized(cls, d: dict) -> dict:
+        """config.json translated to this class's fields (a family overrides it for its own spellings)."""
+        return d
 
 
-def rope_inv_freq(config: LlamaConfig, seq_len: int | None = None, device=None) -> torch.Tensor:
-    """Rotary inverse frequencies, (head_dim // 2,), with the config's scaling applied.
+# Fields only the families read from config.json; None in config.json means "off" for the nullable ones.
+_FAMILY_ONLY_KEYS = frozenset({"sliding_window", "layer_types", "query_pre_attn_scalar", "attn_logit_softcapping",
+                               "final_logit_softcapping", "rope_local_theta", "partial_rotary_factor", "resid_pdrop",
+                               "original_max_position_embeddings"})
+_NULLABLE_KEYS = frozenset({"sliding_window", "attn_logit_softcapping", "final_logit_softcapping"})
 
-    `seq_len` only matters for "dynamic" (NTK) scaling, which raises the base once a sequence grows past
-    max_position_embeddings.
+
+def rope_inv_freq(config: LlamaConfig, seq_len: int | None = None, device=None, local: bool = False) -> torch.Tensor:
+    """Rotary inverse frequencies, (rotary_dim // 2,), with the config's scaling applied.
+
+    `seq_len` matters for "dynamic" (NTK) scaling, which raises the base once a sequence grows past
+    max_position_embeddings, and for "longrope", which switches to its long factors past the original length.
+    `local`: the frequencies of sliding-window layers when they have their own base (Gemma 3, unscaled).
     """
-    dim, base = config.head_dim, config.rope_theta
-    scaling = config.rope_scaling or {"rope_type": "default"}
+    dim = config.rotary_dim
+    own_base = local and config.rope_local_theta is not None
+    base = config.rope_local_theta if own_base else config.rope_theta
+    scaling = (None if own_base else config.rope_scaling) or {"rope_type": "default"}
     kind = scaling["rope_type"]
     if kind == "dynamic" and seq_len is not None and seq_len > config.max_position_embeddings:
         factor = scaling["factor"]
@@ -108,6 +188,10 @@ def rope_inv_freq(config: LlamaConfig, seq_len: int | None = None, device=None) 
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
+    elif kind == "longrope":  # per-frequency divisors, "long" ones once a sequence outgrows pre-training
+        is_long = seq_len is not None and seq_len > scaling["original_max_position_embeddings"]
+        ext = torch.tensor(scaling["long_factor" if is_long else "short_factor"], dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (ext * base ** (torch.arange(0, dim, 2, device=device, dtype=torch.int64).float() / dim))
     elif kind == "llama3":  # long wavelengths divided by factor, short ones kept, a smooth ramp in between
         factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
@@ -121,59 +205,113 @@ def rope_inv_freq(config: LlamaConfig, seq_len: int | None = None, device=None) 
 
 
 class LlamaRotaryEmbedding(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, local: bool = False):
         super().__init__()
-        self.config = config
+        self.config, self.local = config, local
+        scaling = None if local and config.rope_local_theta is not None else config.rope_scaling
+        self.kind = scaling["rope_type"] if scaling else "default"
+        self.attention_scaling = scaling.get("attention_factor", 1.0) if self.kind == "longrope" else 1.0
         # Computed on the CPU and moved: on the meta device (the loader) arange would import torch._dynamo.
-        inv_freq = rope_inv_freq(config, device="cpu").to(torch.get_default_device())
+        inv_freq = rope_inv_freq(config, device="cpu", local=local).to(torch.get_default_device())
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for each position, (batch, seq, head_dim), in x's dtype (computed in fp32)."""
+        """cos and sin for each position, (batch, seq, rotary_dim), in x's dtype (computed in fp32)."""
         inv_freq = self.inv_freq
-        scaling = self.config.rope_scaling
-        if scaling and scaling["rope_type"] == "dynamic":
+        if self.kind in ("dynamic", "longrope"):
             seq_len = int(position_ids.max()) + 1
-            if seq_len > self.config.max_position_embeddings:
-                inv_freq = rope_inv_freq(self.config, seq_len, device=x.device)
+            limit = (self.config.max_position_embeddings if self.kind == "dynamic"
+                     else self.config.rope_scaling["original_max_position_embeddings"])
+            if seq_len > limit:
+                inv_freq = rope_inv_freq(self.config, seq_len, device=x.device, local=self.local)
         freqs = position_ids[..., None].float() * inv_freq.float()
         angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
 
 
 class LlamaRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, unit_offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(hidden_size) if unit_offset else torch.ones(hidden_size))
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unit_offset:  # Gemma: scaled by (1 + w) in fp32, rounded once at the end
+            x32 = x.float()
+            normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return (normed * (1.0 + self.weight.float())).type_as(x)
         # Normalises in fp32 for bf16/fp16 stability and casts back before the weight, like HF.
         return fused.rms_norm(x, self.weight, self.variance_epsilon)
+
+
+def softcapped_attention(q, k, v, mask, scale: float, softcap: float, dropout: float) -> torch.Tensor:
+    """Attention with scores soft-capped to (-softcap, softcap) by tanh (Gemma 2), which SDPA cannot do: the
+    plain ops of transformers' eager path, probabilities in fp32. mask as `attention_mask_4d` returns it;
+    masked scores get the dtype's minimum added, as there, so a padding query that sees no key averages all
+    values (the loss sees that output at the last padding position) and its gradient flows the same way."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.tanh(q @ k.transpose(-1, -2) * scale / softcap) * softcap
+    if mask is None and q.shape[2] > 1:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores + torch.zeros_like(mask, dtype=scores.dtype).masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = F.dropout(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), dropout)
+    return probs @ v
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = config.head_dim
+        self.head_dim, self.rotary_dim = config.head_dim, config.rotary_dim
         self.attention_dropout = config.attention_dropout
+        self.scaling = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
+        self.softcap = config.attn_logit_softcapping
+        hidden, q_size, kv_size = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        if config.fused_projections:
+            self.qkv_proj = nn.Linear(hidden, q_size + 2 * kv_size, bias=bias)
+        else:
+            qkv_bias = bias or config.qkv_bias
+            self.q_proj = nn.Linear(hidden, q_size, bias=qkv_bias)
+            self.k_proj = nn.Linear(hidden, kv_size, bias=qkv_bias)
+            self.v_proj = nn.Linear(hidden, kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_size, hidden, bias=bias)
+        if config.qk_norm:
+            self.q_norm = LlamaRMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=config.gemma_norm)
+            self.k_norm = LlamaRMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=config.gemma_norm)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on the first rotary_dim dimensions of each head; the rest pass through (partial rotary)."""
+        if self.rotary_dim == self.head_dim:
+            return fused.rotary(x, cos, sin)  # cos/sin halves are equal (cat(f, f))
+        return torch.cat((fused.rotary(x[..., :self.rotary_dim], cos, sin), x[..., self.rotary_dim:]), dim=-1)
 
     def forward(self, x, cos, sin, mask, past_kv=None):
         batch, seq, _ = x.shape
-        q, k, v = (t.view(batch, seq, -1, self.head_dim).transpose(1, 2)
-                   for t in shared_input(x, self.q_proj, self.k_proj, self.v_proj))
-        q, k = fused.rotary(q, cos, sin), fused.rotary(k, cos, sin)  # cos/sin halves are equal (cat(f, f))
+        if hasattr(self, "qkv_proj"):
+            kv_size = self.num_kv_heads * self.head_dim
+            q, k, v = gemm.apply_linear(self.qkv_proj, x).split((self.num_heads * self.head_dim, kv_size, kv_size), -1)
+        else:
+            q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = (t.view(batch, seq, -1, self.head_dim) for t in (q, k, v))
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if past_kv is not None:
             k, v = torch.cat((past_kv[0], k), dim=2), torch.cat((past_kv[1], v), dim=2)
         new_kv = (k, v)
         dropout = self.attention_dropout if self.training else 0.0
+        if self.softcap is not None:
+            out = softcapped_attention(q, k, v, mask, self.scaling, self.softcap, dropout)
+            return gemm.apply_linear(self.o_proj, out.transpose(1, 2).reshape(batch, seq, -1)), new_kv
         sees_nothing = None
         if mask is not None:
             # A left-padding query may see no key at all. Softmax over nothing is NaN on some backends, so
@@ -182,12 +320,14 @@ class LlamaAttention(nn.Module):
             mask = mask | sees_nothing
         training_on_cpu = q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or v.requires_grad)
         if training_on_cpu and past_kv is None and dropout == 0:
-            out = fused.attention(q, k, v, mask)  # SDPA's CPU backward is ~2x slower
+            out = fused.attention(q, k, v, mask, scale=self.scaling)  # SDPA's CPU backward is ~2x slower
         else:
-            groups = self.num_heads // self.num_kv_heads  # each key/value head serves `groups` query heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            if not SDPA_HAS_GQA:
+                groups = self.num_heads // self.num_kv_heads  # each key/value head serves `groups` query heads
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            gqa = {"enable_gqa": True} if SDPA_HAS_GQA and self.num_heads != self.num_kv_heads else {}
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
-                                                 dropout_p=dropout)
+                                                 dropout_p=dropout, scale=self.scaling, **gqa)
         if sees_nothing is not None:
             out = out.masked_fill(sees_nothing, 0.0)
         return gemm.apply_linear(self.o_proj, out.transpose(1, 2).reshape(batch, seq, -1)), new_kv
@@ -197,13 +337,20 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(hidden, inner, bias=bias)
-        self.up_proj = nn.Linear(hidden, inner, bias=bias)
+        self.act = ACTIVATIONS[config.hidden_act]
+        if config.fused_projections:
+            self.gate_up_proj = nn.Linear(hidden, 2 * inner, bias=bias)
+        else:
+            self.gate_proj = nn.Linear(hidden, inner, bias=bias)
+            self.up_proj = nn.Linear(hidden, inner, bias=bias)
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = shared_input(x, self.gate_proj, self.up_proj)
-        return gemm.apply_linear(self.down_proj, F.silu(gate) * up)
+        if hasattr(self, "gate_up_proj"):
+            gate, up = gemm.apply_linear(self.gate_up_proj, x).chunk(2, dim=-1)
+        else:
+            gate, up = shared_input(x, self.gate_proj, self.up_proj)
+        return gemm.apply_linear(self.down_proj, self.act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -211,33 +358,51 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config)
         self.mlp = LlamaMLP(config)
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.resid_pdrop = config.resid_pdrop
+        norm = lambda: LlamaRMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset=config.gemma_norm)  # noqa: E731
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        if config.sandwich_norm:  # Gemma 2/3: post_attention_layernorm normalises the attention output instead
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
 
     def forward(self, x, cos, sin, mask, past_kv=None):
         attn_out, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_kv)
-        x = x + attn_out
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        if hasattr(self, "pre_feedforward_layernorm"):
+            x = x + self.post_attention_layernorm(attn_out)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), new_kv
+        x = x + F.dropout(attn_out, self.resid_pdrop, self.training)
+        x = x + F.dropout(self.mlp(self.post_attention_layernorm(x)), self.resid_pdrop, self.training)
         return x, new_kv
 
 
 def attention_mask_4d(
-    attention_mask: torch.Tensor | None, q_len: int, past_len: int, device: torch.device
+    attention_mask: torch.Tensor | None, q_len: int, past_len: int, device: torch.device,
+    sliding_window: int | None = None,
 ) -> torch.Tensor | None:
     """Boolean (batch, 1, q_len, past_len + q_len) mask, True = may attend; None means plain causal, no past.
 
-    Query i (absolute position past_len + i) sees keys up to itself that the 2-D padding mask keeps.
+    Query i (absolute position past_len + i) sees keys up to itself that the 2-D padding mask keeps, and with
+    `sliding_window` only the last `sliding_window` of them (itself included). A padding mask of all ones is
+    dropped, so that SDPA can pick its causal (flash) kernels.
     """
     kv_len = past_len + q_len
-    if attention_mask is None and (past_len == 0 or q_len == 1):
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != kv_len:
+            raise ValueError(f"attention_mask has {attention_mask.shape[-1]} columns, expected past length + "
+                             f"input length = {past_len} + {q_len}")
+        if attention_mask.all():
+            attention_mask = None
+    windowed = sliding_window is not None and kv_len > sliding_window
+    if attention_mask is None and not windowed and (past_len == 0 or q_len == 1):
         return None  # SDPA's is_causal covers it (a single new token may see the whole cache)
-    causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(diagonal=past_len)
+    ones = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+    mask = ones.tril(diagonal=past_len)
+    if windowed:
+        mask &= ~ones.tril(diagonal=past_len - sliding_window)
     if attention_mask is None:
-        return causal[None, None]
-    if attention_mask.shape[-1] != kv_len:
-        raise ValueError(f"attention_mask has {attention_mask.shape[-1]} columns, expected past length + "
-                         f"input length = {past_len} + {q_len}")
-    return causal[None, None] & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+        return mask[None, None]
+    return mask[None, None] & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
 
 
 class LlamaModel(nn.Module):
@@ -246,8 +411,10 @@ class LlamaModel(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset=config.gemma_norm)
         self.rotary_emb = LlamaRotaryEmbedding(config)
+        if config.rope_local_theta is not None and "sliding_attention" in config.layer_types:
+            self.rotary_emb_local = LlamaRotaryEmbedding(config, local=True)
         self.gradient_checkpointing = False
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
@@ -257,15 +424,23 @@ class LlamaModel(nn.Module):
             position_ids = torch.arange(past_len, past_len + seq, device=input_ids.device).expand(batch, seq)
         elif position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)
-        mask = attention_mask_4d(attention_mask, seq, past_len, input_ids.device)
         input_ids = checked_token_ids(input_ids, self.embed_tokens)
-        mask = restrict_to_documents(mask, position_ids, past_len)  # packed rows: no attention across documents
+        layer_types = self.config.layer_types
+        masks = {kind: restrict_to_documents(  # packed rows: no attention across documents
+                     attention_mask_4d(attention_mask, seq, past_len, input_ids.device,
+                                       self.config.sliding_window if kind == "sliding_attention" else None),
+                     position_ids, past_len)
+                 for kind in set(layer_types)}
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(x, position_ids)
+        if self.config.gemma_norm:  # sqrt(hidden_size) rounded to the weights' dtype, as transformers does
+            x = x * torch.tensor(self.config.hidden_size ** 0.5).to(x.dtype)
+        rope = {kind: self.rotary_emb(x, position_ids) for kind in set(layer_types)}
+        if hasattr(self, "rotary_emb_local"):
+            rope["sliding_attention"] = self.rotary_emb_local(x, position_ids)
         new_cache: KVCache = []
         for i, layer in enumerate(self.layers):
             past_kv = past_key_values[i] if past_key_values else None
-            x, kv = run_block(self, layer, x, cos, sin, mask, past_kv)
+            x, kv = run_block(self, layer, x, *rope[layer_types[i]], masks[layer_types[i]], past_kv)
             if use_cache:
                 new_cache.append(kv)
         return self.norm(x), (new_cache if use_cache else None)
@@ -304,10 +479,20 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
         logits = gemm.apply_linear(self.lm_head, hidden)
+        if self.config.final_logit_softcapping is not None:
+            cap = self.config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
             loss = fused.causal_lm_loss(logits, labels)
         return ModelOutput(loss=loss, logits=logits, past_key_values=cache)
+
+    @property
+    def stale_cache_length(self) -> int | None:
+        """Longrope switches to its long factors past original_max_position_embeddings, so keys cached before
+        are rotated differently: generation recomputes the cache once a sequence grows past this length."""
+        scaling = self.config.rope_scaling
+        return scaling["original_max_position_embeddings"] if scaling and scaling["rope_type"] == "longrope" else None
 
     @staticmethod
     def reorder_cache(past_key_values: KVCache, beam_idx: torch.Tensor) -> KVCache:
@@ -338,8 +523,10 @@ class LlamaForCausalLM(nn.Module):
                 with torch.no_grad():
                     module.weight[module.padding_idx].zero_()
         elif isinstance(module, LlamaRMSNorm):
-            nn.init.ones_(module.weight)
+            (nn.init.zeros_ if module.unit_offset else nn.init.ones_)(module.weight)
 
     def init_non_persistent_buffers(self, device: torch.device | str) -> None:
         """(Re)compute the rotary frequencies, e.g. after the loader materialised the model from `meta`."""
-        self.model.rotary_emb.inv_freq = rope_inv_freq(self.config, device=device)
+        for rotary in (self.model.rotary_emb, getattr(self.model, "rotary_emb_local", None)):
+            if rotary is not None:
+                rotary.inv_freq = rope_inv_freq(self.config, device=device, local=rotary.local)

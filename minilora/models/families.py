@@ -1,0 +1,208 @@
+"""Decoder families that are Llama with a few switches: each config says what differs, the model is Llama's.
+
+A family's config class holds (1) transformers' defaults for config.json keys a checkpoint may leave out,
+(2) its architecture switches (see `LlamaConfig`'s class attributes), (3) `normalized`, translating the
+family's own config.json spellings into Llama's fields. Its model class only carries the Hugging Face class
+name (written to a saved config.json's `architectures`). Module and parameter names are Hugging Face's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from minilora.models.llama import LlamaConfig, LlamaForCausalLM
+
+_SLIDING = frozenset({"sliding_window", "layer_types"})
+
+
+def _refuse(d: dict, key: str, why: str) -> None:
+    if d.get(key):
+        raise ValueError(f"config.json {key}={d[key]!r} is not supported by minilora's {d.get('model_type')} model: "
+                         f"{why}")
+
+
+def _qwen_sliding_layers(d: dict) -> dict:
+    """Qwen's sliding window is on only with use_sliding_window, and then for layers >= max_window_layers."""
+    if not d.get("use_sliding_window"):
+        return {**d, "sliding_window": None, "layer_types": d.get("layer_types")
+                if d.get("layer_types") and "sliding_attention" not in d["layer_types"] else None}
+    if d.get("layer_types") is None:
+        first = d.get("max_window_layers", 28)
+        d = {**d, "layer_types": ["sliding_attention" if d.get("sliding_window") and i >= first else "full_attention"
+                                  for i in range(d["num_hidden_layers"])]}
+    return d
+
+
+@dataclass
+class Qwen2Config(LlamaConfig):
+    """Qwen2 / Qwen2.5 / DeepSeek-R1-Distill-Qwen: bias on q/k/v (not o_proj); optional sliding window."""
+
+    vocab_size: int = 151936
+    max_position_embeddings: int = 32768
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    sliding_window: int | None = 4096
+    model_type: str = "qwen2"
+    family_keys: ClassVar[frozenset[str]] = _SLIDING
+    ignored_keys: ClassVar[frozenset[str]] = frozenset({"attention_bias", "mlp_bias"})
+    qkv_bias: ClassVar[bool] = True
+
+    @classmethod
+    def normalized(cls, d: dict) -> dict:
+        return _qwen_sliding_layers(d)
+
+
+@dataclass
+class Qwen3Config(Qwen2Config):
+    """Qwen3: RMSNorm over head_dim on q and k before RoPE, explicit head_dim, bias per attention_bias."""
+
+    head_dim: int | None = 128
+    model_type: str = "qwen3"
+    ignored_keys: ClassVar[frozenset[str]] = frozenset({"mlp_bias"})
+    qkv_bias: ClassVar[bool] = False
+    qk_norm: ClassVar[bool] = True
+
+
+@dataclass
+class MistralConfig(LlamaConfig):
+    """Mistral: Llama's modules; every layer attends within `sliding_window` when it is set."""
+
+    num_key_value_heads: int | None = 8
+    max_position_embeddings: int = 4096 * 32
+    sliding_window: int | None = 4096
+    model_type: str = "mistral"
+    family_keys: ClassVar[frozenset[str]] = frozenset({"sliding_window"})
+    ignored_keys: ClassVar[frozenset[str]] = frozenset({"attention_bias", "mlp_bias"})
+
+
+@dataclass
+class GemmaConfig(LlamaConfig):
+    """Gemma: RMSNorm as x * (1 + w) in fp32, embeddings scaled by sqrt(hidden_size), gelu-tanh, tied head."""
+
+    vocab_size: int = 256000
+    head_dim: int | None = 256
+    hidden_act: str = "gelu_pytorch_tanh"
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    bos_token_id: int | None = 2
+    model_type: str = "gemma"
+    ignored_keys: ClassVar[frozenset[str]] = frozenset({"mlp_bias"})
+    gemma_norm: ClassVar[bool] = True
+
+    @classmethod
+    def normalized(cls, d: dict) -> dict:
+        _refuse(d, "use_bidirectional_attention", "only causal attention is implemented")
+        if d.get("hidden_act") == "gelu":  # old Gemma releases say "gelu" and mean the tanh approximation
+            d = {**d, "hidden_act": "gelu_pytorch_tanh"}
+        return d
+
+
+@dataclass
+class Gemma2Config(GemmaConfig):
+    """Gemma 2: norms after attention and MLP too, soft-capped attention scores and logits,
+    query_pre_attn_scalar, sliding-window layers alternating with global ones."""
+
+    query_pre_attn_scalar: float | None = 256
+    sliding_window: int | None = 4096
+    attn_logit_softcapping: float | None = 50.0
+    final_logit_softcapping: float | None = 30.0
+    model_type: str = "gemma2"
+    family_keys: ClassVar[frozenset[str]] = _SLIDING | {"query_pre_attn_scalar", "attn_logit_softcapping",
+                                                        "final_logit_softcapping"}
+    sandwich_norm: ClassVar[bool] = True
+    sliding_every: ClassVar[int] = 2  # layer i is global when (i + 1) % sliding_every == 0
+
+    @classmethod
+    def normalized(cls, d: dict) -> dict:
+        d = super().normalized(d)
+        d["hidden_act"] = d.get("hidden_activation") or "gelu_pytorch_tanh"  # Gemma 2/3 read hidden_activation
+        if d.get("layer_types") is None:
+            every = d.get("sliding_window_pattern", cls.sliding_every)
+            d["layer_types"] = ["sliding_attention" if (i + 1) % every else "full_attention"
+                                for i in range(d["num_hidden_layers"])]
+        return d
+
+
+@dataclass
+class Gemma3TextConfig(Gemma2Config):
+    """Gemma 3 (text): Gemma 2 without soft-capping by default, q/k norms, 5 local : 1 global layers, local
+    layers with their own RoPE base (rope_local_base_freq), RoPE scaling on global layers only."""
+
+    max_position_embeddings: int = 131072
+    rope_theta: float = 1_000_000.0
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    model_type: str = "gemma3_text"
+    family_keys: ClassVar[frozenset[str]] = Gemma2Config.family_keys | {"rope_local_theta"}
+    qk_norm: ClassVar[bool] = True
+    sliding_every: ClassVar[int] = 6
+
+    @classmethod
+    def normalized(cls, d: dict) -> dict:
+        d = super().normalized(d)
+        rope = d.get("rope_parameters") or {}
+        if "sliding_attention" in rope or "full_attention" in rope:  # transformers v5: one dict per layer type
+            local = rope.get("sliding_attention") or {}
+            if (local.get("rope_type") or "default") != "default":
+                raise ValueError(f"config.json rope_parameters.sliding_attention: rope type {local['rope_type']!r} "
+                                 "is not supported by minilora (local layers use plain RoPE)")
+            d["rope_parameters"] = rope.get("full_attention") or {}
+            d["rope_local_theta"] = local.get("rope_theta", 10_000.0)
+        else:  # v4: rope_theta / rope_scaling for global layers, rope_local_base_freq for local ones
+            d["rope_local_theta"] = d.get("rope_local_base_freq", 10_000.0)
+        return d
+
+
+@dataclass
+class Phi3Config(LlamaConfig):
+    """Phi-3 / Phi-3.5 / Phi-4-mini: fused qkv_proj and gate_up_proj, partial rotary, longrope scaling."""
+
+    vocab_size: int = 32064
+    max_position_embeddings: int = 4096
+    original_max_position_embeddings: int | None = 4096
+    rms_norm_eps: float = 1e-5
+    eos_token_id: int | list[int] | None = 32000
+    pad_token_id: int | None = 32000
+    model_type: str = "phi3"
+    family_keys: ClassVar[frozenset[str]] = frozenset({"sliding_window", "partial_rotary_factor", "resid_pdrop",
+                                                       "original_max_position_embeddings"})
+    ignored_keys: ClassVar[frozenset[str]] = frozenset({"attention_bias", "mlp_bias"})
+    fused_projections: ClassVar[bool] = True
+
+    @classmethod
+    def normalized(cls, d: dict) -> dict:
+        for key in ("rope_scaling", "rope_parameters"):  # early Phi-3 configs call longrope "su" or "yarn"
+            rope = d.get(key)
+            if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")) in ("su", "yarn"):
+                d[key] = {**{k: v for k, v in rope.items() if k != "type"}, "rope_type": "longrope"}
+        return d
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2 / Qwen2.5 decoder (see Qwen2Config for what differs from Llama)."""
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3 decoder (see Qwen3Config)."""
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral decoder (see MistralConfig)."""
+
+
+class GemmaForCausalLM(LlamaForCausalLM):
+    """Gemma decoder (see GemmaConfig)."""
+
+
+class Gemma2ForCausalLM(LlamaForCausalLM):
+    """Gemma 2 decoder (see Gemma2Config)."""
+
+
+class Gemma3ForCausalLM(LlamaForCausalLM):
+    """Gemma 3 text decoder (see Gemma3TextConfig)."""
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Phi-3 decoder (see Phi3Config)."""
