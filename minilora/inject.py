@@ -153,12 +153,19 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer with one dense nn.Linear holding base + update (quantized bases are
     dequantized, the update added in fp32), and dequantize the other quantized layers too: the result is a
-    plain model (16-bit for a 16-bit QLoRA model) with no LoRA and no quantization left, never re-quantized."""
+    plain model (16-bit for a 16-bit QLoRA model) with no LoRA and no quantization left, never re-quantized.
+    The merged layers take the quantized layers' compute dtype, and so do the other weights (a QLoRA model's
+    fp32 norms, embeddings and head), so the result is one plain model in that dtype."""
+    qconfig = getattr(model, "quant_config", None)
     for path, layer in _require_lora(model).items():
         _set_module(model, path, layer.merged_linear())
     for path, module in list(model.named_modules()):
         if is_linear(module) and not isinstance(module, nn.Linear):
             _set_module(model, path, dense_linear(module))
+    if qconfig is not None and qconfig.compute_dtype is not None:
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != qconfig.compute_dtype:
+                p.data = p.data.to(qconfig.compute_dtype)
     for attr in ("lora_config", "quant_config"):
         if hasattr(model, attr):
             delattr(model, attr)

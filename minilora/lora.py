@@ -4,8 +4,9 @@ The base may be an `nn.Linear` or a quantized layer (NF4/int8): anything with `i
 `out_features`, a forward, and either a `weight` (dense) or a `dequantize()` method for merging.
 
 Training speed (where minilora and peft differ; peft gives the same results up to rounding and dropout draws):
-- The LoRA matmuls run in the activation dtype (bf16 in a bf16 / QLoRA model, as the QLoRA paper's code
-  did); the factors stay fp32 master weights, cast per call, so their gradients and updates are fp32.
+- The LoRA matmuls run in the activation dtype (bf16 in a bf16 model; fp32 in a QLoRA model's fp32 residual
+  stream, whose quantized bases compute in bf16); the factors stay fp32 master weights, cast per call, so
+  their gradients and updates are fp32.
 - Dropout masks come from 16 random bits per element (p rounded to a multiple of 1/65536), several times
   cheaper than `bernoulli_` on CPU, and the 1/(1-p) rescaling is folded into the LoRA scaling.
 - LoRA layers fed the very same input tensor (q/k/v, gate/up) share one dropout mask and one dropped

@@ -102,6 +102,17 @@ def test_a_saved_default_qlora_model_reloads_with_the_same_precision(wide_llama_
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
+def test_merging_a_default_qlora_model_gives_a_plain_model_in_the_compute_dtype(wide_llama_dir):
+    model = ml.apply_lora(ml.from_pretrained(wide_llama_dir, quantize="nf4"), ml.LoraConfig(**LORA))
+    ids = torch.arange(8)[None]
+    with torch.no_grad():
+        before = model(ids).logits
+        merged = ml.merge_and_unload(model)
+        after = merged(ids).logits
+    assert floating_dtypes(merged) == {BF16} and not quantized_layers(merged)
+    assert (after.float() - before).abs().max() < 0.05 * before.abs().max()
+
+
 def one_step_loss_drop(path, autocast: bool = False, **load_kwargs) -> float:
     """Loss on one batch, one AdamW step (lr 1e-4, the issue's), the loss on it again: how much it fell."""
     torch.manual_seed(0)
