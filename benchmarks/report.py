@@ -227,12 +227,13 @@ def interop_rows(section: str, result: dict | None) -> list[Row]:
 
 
 def fidelity_ratios(pairs: dict[str, dict]) -> dict[str, list[float]]:
-    """{stack: [(loss_0 - loss_k) / (ref_0 - ref_k) for k = 1, 2, ...]} for every stack that ran."""
+    """{stack: [(loss_0 - loss_k) / (ref_0 - ref_k) for k = 1, 2, ...]} for every stack that ran (as many
+    steps as both ran)."""
     ref = pairs.get("reference")
     if not _ok(ref):
         return {}
     base = [ref["losses"][0] - x for x in ref["losses"][1:]]
-    return {stack: [(r["losses"][0] - x) / b for x, b in zip(r["losses"][1:], base, strict=True)]
+    return {stack: [(r["losses"][0] - x) / b for x, b in zip(r["losses"][1:], base, strict=False)]
             for stack, r in pairs.items() if stack != "reference" and _ok(r)}
 
 
@@ -248,12 +249,14 @@ def fidelity_rows(section: str, case: str, pairs: dict[str, dict]) -> list[Row]:
     ref, n = pairs["reference"]["losses"], len(ratios["minilora"])
     extra = ratios.get("minilora+autocast")
     rows = []
-    for k in sorted({1, 2, 4, 8, n} & set(range(1, n + 1))):
+    peft = ratios.get("peft", [])
+    for k in sorted({1, 2, 3, 4, 8, n} & set(range(1, n + 1))):
         note = f"reference: {ref[0] - ref[k]:.4f}"
-        if extra:
+        if extra and k <= len(extra):
             note += f"; minilora under bf16 autocast {extra[k - 1]:.3f}"
         rows.append(Row(section, case, f"after {k} step{'s' if k > 1 else ''}", "x", ratios["minilora"][k - 1],
-                        ratios["peft"][k - 1] if "peft" in ratios else _value(pairs.get("peft"), ""), note))
+                        peft[k - 1] if k <= len(peft) else _value(pairs.get("peft"), "") if not peft else "not run",
+                        note))
     worst = {stack: fidelity_worst(r) for stack, r in ratios.items()}
     rows.append(Row(section, case, f"worst |ratio - 1| over {n} steps", "x", worst["minilora"],
                     worst.get("peft", _value(pairs.get("peft"), "")),
