@@ -7,6 +7,8 @@ def pytest_addoption(parser):
                      help="run the minilora-vs-peft benchmarks in benchmarks/ (slow)")
     parser.addoption("--benchmark-quick", action="store_true", default=False,
                      help="with --benchmark: run the ~5 minute subset")
+    parser.addoption("--benchmark-scale", action="store_true", default=False,
+                     help="with --benchmark: also run the Llama-2-7B-shaped cases (~15+ minutes, ~20 GB RAM)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -30,6 +30,11 @@ SHAPES: dict[str, dict] = {
         num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
         max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2),
+    "llama2-7b": dict(
+        model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=11008,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+        max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2),
     "bert-base": dict(
         model_type="bert", architectures=["BertModel"], vocab_size=30522, hidden_size=768,
         num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512,
@@ -40,10 +45,12 @@ SHAPES: dict[str, dict] = {
         tie_word_embeddings=False, relative_attention_num_buckets=32, relative_attention_max_distance=128,
         layer_norm_epsilon=1e-6, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
 }
-# name -> (shape, dtype stored, max shard size)
+# name -> (shape, dtype stored, max shard size[, layers: a cut of the shape])
 CHECKPOINTS = {
     "smollm2-135m-random": ("smollm2-135m", torch.float32, "2GB"),
     "tinyllama-1.1b-bf16": ("tinyllama-1.1b", torch.bfloat16, "500MB"),
+    "llama2-7b-width-2l-bf16": ("llama2-7b", torch.bfloat16, "2GB", 2),  # the fidelity case's wide model
+    "llama2-7b-bf16": ("llama2-7b", torch.bfloat16, "7GB"),  # --benchmark-scale only (13.5 GB, 2 shards)
     "bert-base-random": ("bert-base", torch.float32, "2GB"),
     "flan-t5-base-random": ("flan-t5-base", torch.float32, "2GB"),
 }
@@ -101,10 +108,11 @@ def prepare(name: str) -> Path:
     return path
 
 
-def _write_random_checkpoint(out: Path, shape: str, dtype: torch.dtype, max_shard_size: str) -> None:
+def _write_random_checkpoint(out: Path, shape: str, dtype: torch.dtype, max_shard_size: str,
+                             layers: int | None = None) -> None:
     import transformers
 
-    fields = dict(SHAPES[shape])
+    fields = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
     model_type, architecture = fields.pop("model_type"), fields.pop("architectures")[0]
     config = transformers.AutoConfig.for_model(model_type, **fields)
     torch.manual_seed(0)

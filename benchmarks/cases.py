@@ -19,8 +19,8 @@ import torch
 
 from benchmarks import assets
 from benchmarks.measure import (
-    median, memory_kind, peak_memory_bytes, peak_rss_bytes, reset_peak_memory, rss_bytes, setup, tensor_bytes,
-    timed,
+    matmul_flops_per_s, median, memory_kind, peak_memory_bytes, peak_rss_bytes, reset_peak_memory, rss_bytes, setup,
+    tensor_bytes, timed,
 )
 from benchmarks.runner import RESULT_MARKER
 from benchmarks.stacks import (
@@ -70,27 +70,130 @@ def _train(stack: str, model: torch.nn.Module, batches: list[dict], warmup: int,
     }
 
 
+def llama_step_flops(shape: dict, batch_size: int, seq_len: int, r: int, n_targets: int = 7,
+                     layers: int | None = None) -> tuple[float, float]:
+    """(model FLOPs of one LoRA training step of a Llama shape, FLOPs the gradient checkpointing recompute adds).
+
+    Frozen matrices (the seven projections of every layer and the output head): 2 FLOPs per weight and token
+    forward, 2 backward (the input gradient; no weight gradient). LoRA factors: 2 forward, 4 backward.
+    Attention: q k^T and p v, 2 * 2 * seq * head_dim * heads per token and layer forward (causal masking not
+    halved), twice that backward. The recompute repeats the forward of every layer (not the head)."""
+    h, vocab, layers = shape["hidden_size"], shape["vocab_size"], layers or shape["num_hidden_layers"]
+    head_dim = shape.get("head_dim") or h // shape["num_attention_heads"]
+    q, kv, inner = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim, \
+        shape["intermediate_size"]
+    shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, inner), (h, inner), (inner, h)][:n_targets]
+    frozen = 2 * h * q + 2 * h * kv + 3 * h * inner
+    lora = sum(r * (a + b) for a, b in shapes)
+    tokens = batch_size * seq_len
+    attention = 4 * seq_len * q  # per token and layer, forward
+    layer_forward = tokens * (2 * frozen + 2 * lora + attention)
+    model = layers * (layer_forward + tokens * (2 * frozen + 4 * lora + 2 * attention)) + tokens * 4 * h * vocab
+    return float(model), float(layers * layer_forward)
+
+
+SCALE = "llama2-7b-bf16"  # the --benchmark-scale checkpoint
+
+
 def train_step(stack: str, precision: str = "bf16", gradient_checkpointing: bool = False, batch_size: int = 4,
                seq_len: int = 256, warmup: int = 1, steps: int = 3, lr: float = 2e-4, r: int = 16,
                alpha: float = 32, dropout: float = 0.05, seed: int = 0, distinct_batches: int | None = None,
-               device: str = "cpu") -> dict:
-    """SmolLM2-135M causal-LM LoRA / QLoRA steps (forward, backward, AdamW) on packed chat text.
+               shape: str = "smollm2-135m", device: str = "cpu") -> dict:
+    """Causal-LM LoRA / QLoRA steps (forward, backward, AdamW) of SmolLM2-135M on packed chat text, or of the
+    Llama-2-7B shape (`shape="llama2-7b"`, random bf16 weights, --benchmark-scale).
 
     With dropout=0 and warmup=0 the losses are the loss curve compared across stacks; `distinct_batches`
     cycles that many batches (epochs over a small set), so the loss must fall on data seen before."""
     dev = setup(device, seed)
-    kind, path = assets.smollm2_dir()
+    kind, path = assets.smollm2_dir() if shape == "smollm2-135m" else ("random", assets.checkpoint_dir(SCALE))
+    dims = assets.SHAPES[shape]
     n_steps = warmup + steps
-    source, batches = assets.lm_batches(assets.SHAPES["smollm2-135m"]["vocab_size"], batch_size, seq_len,
+    source, batches = assets.lm_batches(dims["vocab_size"], batch_size, seq_len,
                                         min(distinct_batches or n_steps, n_steps), seed)
     batches = [batches[i % len(batches)] for i in range(n_steps)]
+    reset_peak_memory(dev)
     load_s, model = timed(lambda: load(stack, path, precision=precision, device=dev), dev)
     load_peak = peak_memory_bytes(dev)
     model = add_lora(stack, model, r=r, alpha=alpha, dropout=dropout, targets=LLAMA_PROJECTIONS)
     seeded_lora_init(model, seed)
     result = _train(stack, model, batches, warmup, lr, dev, gradient_checkpointing, batch_size * seq_len)
-    return {"model": f"SmolLM2-135M ({kind} weights)", "data": source, "load_s": load_s,
-            "load_peak_mem": load_peak, **result}
+    flops, recompute = llama_step_flops(dims, batch_size, seq_len, r)
+    peak = matmul_flops_per_s(batch_size * seq_len, dims["hidden_size"], dims["intermediate_size"], dev)
+    name = "SmolLM2-135M" if shape == "smollm2-135m" else "Llama-2-7B shape"
+    return {"model": f"{name} ({kind} weights)", "data": source, "load_s": load_s,
+            "load_peak_mem": load_peak, **result, "model_flops": flops,
+            "recompute_flops": recompute if gradient_checkpointing else 0.0, "matmul_flops_per_s": peak,
+            "mfu": flops / result["step_s"] / peak}
+
+
+WIDE = "llama2-7b-width-2l-bf16"
+FIDELITY_STACKS = ("reference", "minilora", "minilora+autocast", "peft")
+
+
+def _fidelity_model(stack: str, mode: str, path: Path, dev: torch.device) -> tuple[torch.nn.Module, str]:
+    """The model `stack` trains in `mode` ("qlora": NF4 weights; "lora-bf16": the bf16 weights), and its recipe."""
+    quantized = mode == "qlora"
+    if stack.startswith("minilora") or stack == "reference":
+        ml = minilora_api("from_pretrained", "QuantConfig")
+        if stack == "reference":  # the same (NF4) weights, every product and sum in fp32
+            quantize = ml.QuantConfig("nf4", compute_dtype=torch.float32) if quantized else None
+            return (ml.from_pretrained(path, dtype=torch.float32, quantize=quantize, device=dev),
+                    "fp32 compute" + (" on the dequantized NF4 weights" if quantized else ""))
+        # minilora's defaults: QLoRA's fp32 residual with bf16 products, or the checkpoint's bf16
+        model = ml.from_pretrained(path, quantize="nf4" if quantized else None, device=dev)
+        return model, "from_pretrained(path" + (', quantize="nf4")' if quantized else ") (bf16)")
+    import peft
+    import transformers
+
+    kwargs = {}
+    if quantized:
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": dev},
+                                                              **kwargs)
+    model.config.use_cache = False
+    if quantized:  # norms, embeddings and head to fp32 (gradient checkpointing off: it changes no number)
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return model, "prepare_model_for_kbit_training, bnb compute bf16"
+    return model, "bf16 weights"
+
+
+def fidelity(stack: str, mode: str = "qlora", steps: int = 20, batch_size: int = 2, seq_len: int = 128,
+             lr: float = 1e-4, r: int = 16, alpha: float = 32, seed: int = 0, device: str = "cpu") -> dict:
+    """The loss curve of one way of training the 2-layer Llama-2-7B-width model (hidden 4096) on one fixed
+    batch: LoRA r=16 on all seven projections, dropout 0, AdamW, the seeded LoRA init of every stack.
+
+    stack: "reference" (fp32 compute, the same weights), "minilora" (its defaults, no autocast: `ml.train`'s
+    default), "minilora+autocast" (the same under bf16 autocast: `TrainConfig(bf16=True)`), "peft"
+    (transformers + peft; QLoRA with `prepare_model_for_kbit_training` and bf16 autocast, as HF's Trainer
+    runs the QLoRA recipe with bf16=True)."""
+    if stack not in FIDELITY_STACKS:
+        raise ValueError(f"stack must be one of {FIDELITY_STACKS}, got {stack!r}")
+    dev = setup(device, seed)
+    path = assets.checkpoint_dir(WIDE)
+    _, batches = assets.lm_batches(assets.SHAPES["llama2-7b"]["vocab_size"], batch_size, seq_len, 1, seed)
+    batch = {k: v.to(dev) for k, v in batches[0].items()}
+    load_s, (model, recipe) = timed(lambda: _fidelity_model(stack, mode, path, dev), dev)
+    model = add_lora(stack.partition("+")[0].replace("reference", "minilora"), model, r=r, alpha=alpha, dropout=0.0,
+                     targets=LLAMA_PROJECTIONS)
+    seeded_lora_init(model, seed)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    autocast = stack.endswith("+autocast") or (stack == "peft" and mode == "qlora")
+    losses, times = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        times.append(time.perf_counter() - start)
+    return {"model": "Llama-2-7B width, 2 layers (random bf16 weights)", "mode": mode,
+            "recipe": recipe + (", bf16 autocast" if autocast else ""), "losses": losses, "step_times_s": times,
+            "load_s": load_s, "tokens_per_step": batch_size * seq_len}
 
 
 def qwen_train_step(stack: str, precision: str = "nf4", batch_size: int = 2, seq_len: int = 256, warmup: int = 1,
@@ -274,8 +377,8 @@ def prepare(name: str) -> dict:
     return {"path": str(assets.prepare(name))}
 
 
-CASES = {f.__name__: f for f in (train_step, qwen_train_step, task_step, load_checkpoint, generation, import_time,
-                                 interop, prepare)}
+CASES = {f.__name__: f for f in (train_step, qwen_train_step, task_step, fidelity, load_checkpoint, generation,
+                                 import_time, interop, prepare)}
 
 
 def main(argv: list[str]) -> int:

@@ -31,7 +31,10 @@ SECTIONS = {
     "generation": "5. Greedy generation, SmolLM2-135M + LoRA (bf16, batch 1)",
     "import": "6. Import time",
     "interop": "7. Adapter interop",
+    "fidelity": "8. Fidelity: loss decrease since step 0 over the fp32-compute reference's, same weights, init and "
+                "batch (Llama-2-7B width, 2 layers, LoRA r=16 on 7 projections, dropout 0, AdamW lr 1e-4)",
 }
+FIDELITY_TOLERANCE = 0.10  # the loss decrease within 10% of the reference's at every step
 
 
 @dataclass
@@ -107,12 +110,27 @@ def train_rows(section: str, case: str, pair: dict) -> list[Row]:
             _row(section, case, "CPU time per step (all threads)", "s", pair, "step_cpu_s"),
             _row(section, case, f"{_mem_label(pair)} (training)", "bytes", pair, "peak_mem"),
             _row(section, case, "trainable parameters", "count", pair, "trainable")]
+    if _ok(m) and "mfu" in m:
+        p = pair.get("peft")
+        mfu = Row(section, case, "MFU: model FLOPs per step / step time / matmul rate", "%", m["mfu"],
+                  _value(p, "mfu"))
+        mfu.note = (f"{m['model_flops'] / 1e12:.2f} TFLOP per step"
+                    + (f" + {m['recompute_flops'] / 1e12:.2f} recomputed" if m.get("recompute_flops") else "")
+                    + f"; matmul rate {m['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, measured in the run")
+        rows.append(mfu)
     if _ok(m) and m.get("rounds", 1) > 1:
         rows[0].note = (f"median of {m['timed_steps']} steps: {m['rounds']} runs per stack, alternated ABBA, "
                         f"{len(m['step_times_s']) - m['warmup']} steps each after {m['warmup']} warm-up")
     elif _ok(m):
         rows[0].note = f"median of {len(m['step_times_s']) - m['warmup']} steps after {m['warmup']} warm-up"
     return rows
+
+
+def scale_rows(section: str, case: str, pair: dict) -> list[Row]:
+    """A training case's rows plus the time and peak memory of its `quantize=` load."""
+    return train_rows(section, case, pair) + [
+        _row(section, case, "load with quantize: time", "s", pair, "load_s"),
+        _row(section, case, f"load with quantize: {_mem_label(pair)}", "bytes", pair, "load_peak_mem")]
 
 
 def merge_rounds(results: list[dict]) -> dict:
@@ -128,6 +146,9 @@ def merge_rounds(results: list[dict]) -> dict:
                   rounds=len(results), step_s_per_round=[r["step_s"] for r in results],
                   peak_mem=max(r["peak_mem"] for r in results),
                   process_peak_rss=max(r["process_peak_rss"] for r in results))
+    if "mfu" in merged:  # against the best matmul rate any of the runs measured
+        merged["matmul_flops_per_s"] = max(r["matmul_flops_per_s"] for r in results)
+        merged["mfu"] = merged["model_flops"] / merged["step_s"] / merged["matmul_flops_per_s"]
     return merged
 
 
@@ -205,6 +226,44 @@ def interop_rows(section: str, result: dict | None) -> list[Row]:
     ]
 
 
+def fidelity_ratios(pairs: dict[str, dict]) -> dict[str, list[float]]:
+    """{stack: [(loss_0 - loss_k) / (ref_0 - ref_k) for k = 1, 2, ...]} for every stack that ran (as many
+    steps as both ran)."""
+    ref = pairs.get("reference")
+    if not _ok(ref):
+        return {}
+    base = [ref["losses"][0] - x for x in ref["losses"][1:]]
+    return {stack: [(r["losses"][0] - x) / b for x, b in zip(r["losses"][1:], base, strict=False)]
+            for stack, r in pairs.items() if stack != "reference" and _ok(r)}
+
+
+def fidelity_worst(ratios: list[float]) -> float:
+    return max(abs(x - 1) for x in ratios)
+
+
+def fidelity_rows(section: str, case: str, pairs: dict[str, dict]) -> list[Row]:
+    ratios = fidelity_ratios(pairs)
+    if "minilora" not in ratios:
+        status = _value(pairs.get("reference"), "") if not _ok(pairs.get("reference")) else "error"
+        return [Row(section, case, "loss decrease / reference's", "x", status, status)]
+    ref, n = pairs["reference"]["losses"], len(ratios["minilora"])
+    extra = ratios.get("minilora+autocast")
+    rows = []
+    peft = ratios.get("peft", [])
+    for k in sorted({1, 2, 3, 4, 8, n} & set(range(1, n + 1))):
+        note = f"reference: {ref[0] - ref[k]:.4f}"
+        if extra and k <= len(extra):
+            note += f"; minilora under bf16 autocast {extra[k - 1]:.3f}"
+        rows.append(Row(section, case, f"after {k} step{'s' if k > 1 else ''}", "x", ratios["minilora"][k - 1],
+                        peft[k - 1] if k <= len(peft) else _value(pairs.get("peft"), "") if not peft else "not run",
+                        note))
+    worst = {stack: fidelity_worst(r) for stack, r in ratios.items()}
+    rows.append(Row(section, case, f"worst |ratio - 1| over {n} steps", "x", worst["minilora"],
+                    worst.get("peft", _value(pairs.get("peft"), "")),
+                    f"minilora under bf16 autocast {worst['minilora+autocast']:.3f}" if extra else ""))
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------------
 # The QLoRA issue's targets
 
@@ -247,6 +306,14 @@ def targets(raw: dict[str, dict]) -> list[Target]:
     out.append(Target("NF4 load time", "below transformers'",
                       f"{m['load_s']:.1f} s vs {p['load_s']:.1f} s" if _ok(m, p) else "not measured",
                       m["load_s"] < p["load_s"] if _ok(m, p) else None))
+    ratios = fidelity_ratios(raw.get("fidelity:qlora", {}).get("pairs") or {})
+    goal = f"loss decrease within {FIDELITY_TOLERANCE:.0%} of the fp32 reference's at every step, closer than peft"
+    if "minilora" in ratios and "peft" in ratios:
+        m, p = fidelity_worst(ratios["minilora"]), fidelity_worst(ratios["peft"])
+        out.append(Target("QLoRA fidelity", goal, f"worst {m:.3f} vs peft's {p:.3f}",
+                          m <= FIDELITY_TOLERANCE and m < p))
+    elif "fidelity:qlora" in raw:
+        out.append(Target("QLoRA fidelity", goal, "not measured", None))
     m, _ = _pairs(raw, "load:prequantized")
     if _ok(m):
         out.append(Target("pre-quantized NF4 folder load", "< 2 s", f"{m['load_s']:.2f} s", m["load_s"] < 2))
@@ -273,6 +340,10 @@ def fmt(value, unit: str) -> str:
         return f"{value:,}"
     if unit == "s":
         return f"{value:.3f} s" if value < 1 else f"{value:.2f} s"
+    if unit == "%":
+        return f"{value:.1%}"
+    if unit == "x":
+        return f"{value:.3f}"
     if unit == "tok/s":
         return f"{value:,.1f} tok/s"
     return f"{value:.2e}"

@@ -1,9 +1,11 @@
 """The two stacks behind one small interface, so every case runs the same code path for both:
 "minilora" (minilora alone) and "peft" (transformers + peft + bitsandbytes, the usual recipe).
 
-Same checkpoint, dtype, quantization (NF4, double quantization, bf16 compute), LoRA hyperparameters and
-seeded LoRA init on both sides. The peft side does not call `prepare_model_for_kbit_training` (it would
-upcast norms and embeddings to fp32, a different model), and both use non-reentrant gradient checkpointing.
+Same checkpoint, dtype, quantization (NF4, double quantization), LoRA hyperparameters and seeded LoRA init on
+both sides, and the same precision recipe: plain LoRA in the weights' dtype; QLoRA as the QLoRA recipe runs it,
+norms, embeddings and head (so the residual stream) in fp32 and the quantized products in the compute dtype
+(peft: `prepare_model_for_kbit_training`; minilora: its default for `quantize=` without `dtype`). Both use
+non-reentrant gradient checkpointing.
 """
 from __future__ import annotations
 
@@ -47,26 +49,34 @@ def check_stack(stack: str) -> None:
 
 def load(stack: str, path: Path, *, task: str = "causal-lm", precision: str = "fp32", device: torch.device,
          num_labels: int | None = None) -> nn.Module:
-    """The base model. precision: "fp32" | "bf16" | "nf4" (4-bit NF4 linears, double quant, bf16 compute)."""
+    """The base model. precision: "fp32" | "bf16" | "nf4" (4-bit NF4 linears, double quant, bf16 compute, the
+    rest in fp32) | "nf4-fp32" (the same with fp32 compute: the like-for-like QLoRA step on CPUs without fast
+    bf16 matrix kernels, where peft's bf16 products take PyTorch's slow reference kernel)."""
     check_stack(stack)
-    quantized = precision == "nf4"
-    dtype = torch.bfloat16 if quantized else DTYPES[precision]
+    quantized = precision.startswith("nf4")
+    compute = torch.float32 if precision == "nf4-fp32" else torch.bfloat16
+    dtype = torch.bfloat16 if quantized else DTYPES[precision]  # as stored: the quantizers' input
     if stack == "minilora":
         ml = minilora_api("from_pretrained", "QuantConfig")
-        quantize = ml.QuantConfig(quant_type="nf4", double_quant=True, compute_dtype=dtype) if quantized \
-            else None
-        return ml.from_pretrained(path, task=task, num_labels=num_labels, dtype=dtype, device=device,
-                                  quantize=quantize)
+        if quantized:  # dtype=None: QLoRA's fp32 norms, embeddings and head
+            quantize = ml.QuantConfig(quant_type="nf4", double_quant=True, compute_dtype=compute)
+            return ml.from_pretrained(path, task=task, num_labels=num_labels, device=device, quantize=quantize)
+        return ml.from_pretrained(path, task=task, num_labels=num_labels, dtype=dtype, device=device)
     import transformers
 
     kwargs = {"num_labels": num_labels} if num_labels is not None else {}
     if quantized:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=HF_DENSE_HEADS.get(task))
+            bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=HF_DENSE_HEADS.get(task))
     auto_class = getattr(transformers, HF_CLASSES[task])
     model = auto_class.from_pretrained(path, dtype=dtype, device_map={"": device}, **kwargs)
     model.config.use_cache = False  # training: no KV cache (generation passes use_cache itself)
+    if quantized:
+        import peft
+
+        # fp32 norms, embeddings and head; gradient checkpointing is the case's choice, not this call's
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model.eval()
 
 

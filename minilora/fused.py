@@ -188,11 +188,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             raise ValueError(f"attention: causal attention without a mask needs q_len == kv_len, got {q_len} "
                              f"and {kv_len}")
         mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril()[None, None]
+    dtype = q.dtype
     if torch.is_autocast_enabled(q.device.type):  # what autocast does to SDPA; no autocast inside
         q, k, v = (t.to(torch.get_autocast_dtype(q.device.type)) for t in (q, k, v))
     bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
     with torch.autocast(q.device.type, enabled=False):
-        return _Attention.apply(q, k, v, bias, q.shape[-1] ** -0.5 if scale is None else scale)
+        # Back in the inputs' dtype: in an fp32 model under autocast, o_proj's LoRA update is then added to
+        # an fp32 base output, not rounded away in a bf16 one.
+        return _Attention.apply(q, k, v, bias, q.shape[-1] ** -0.5 if scale is None else scale).to(dtype)
 
 
 class _Attention(torch.autograd.Function):

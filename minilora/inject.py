@@ -168,10 +168,9 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None,
     the update added in fp32, one rounding), dequantize the other quantized layers too, and return the model:
     a plain model with no LoRA and no quantization left (never re-quantized) that runs without autocast.
 
-    dtype: of every floating-point parameter of the result. None: the dtype most of the model's dense
-        (unquantized, non-LoRA) weights have, i.e. the `dtype=` it was loaded with, whatever the quantized
-        layers' compute dtype: fp32 for the examples' QLoRA (fp32 load, bf16 compute), bf16 for a bf16 model.
-        Pass torch.bfloat16 to halve the result's size.
+    dtype: of every floating-point parameter of the result. None: a quantized model's compute dtype (QLoRA's
+        fp32 norms, embeddings and head join the merged layers: a plain bf16 model for a bf16 checkpoint),
+        else the dtype most of the model's weights have (the `dtype=` it was loaded with).
     device: where the result lives (default: where the model is). device="cpu" merges a GPU model into host
         memory: each layer is dequantized and merged on the GPU and moved at once.
     Memory: layers are merged one at a time and each replaced layer is freed, so the device the merged model
@@ -180,6 +179,8 @@ def merge_and_unload(model: nn.Module, *, dtype: torch.dtype | None = None,
         weight and update (2 x out x in x 4 bytes, ~0.36 GB for a 7B MLP projection).
     """
     layers = _require_lora(model)
+    qconfig = getattr(model, "quant_config", None)
+    dtype = dtype or (qconfig.compute_dtype if qconfig is not None and qconfig.compute_dtype else None)
     dtype = dtype or _dense_dtype(model)
     for path in list(layers):
         _set_module(model, path, layers.pop(path).merged_linear(dtype, device))

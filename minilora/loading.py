@@ -49,6 +49,9 @@ def from_pretrained(path_or_id: str | os.PathLike, task: str | None = None, num_
         checkpoint has none; a checkpoint head of another size is an error).
     dtype: dtype of the floating-point weights. None (or "auto") keeps the checkpoint's, like
         transformers v5: config.json `dtype`/`torch_dtype`, else the dtype most of the stored weights have.
+        A quantized model with dtype=None gets QLoRA's precision instead: embeddings, norms, biases and the
+        output head (so the residual stream) in fp32, the quantized layers computing in the checkpoint's
+        dtype (unless `QuantConfig.compute_dtype` says otherwise), as peft's `prepare_model_for_kbit_training`.
     device: where the weights are materialised (and quantized), one tensor at a time. None: CUDA when
         available (`cuda:LOCAL_RANK` under torchrun), else the CPU: `ml.resolve_device`, the same default as
         `TrainConfig.device`, so a model loads where it will train. Pass "cpu" to load on the CPU.
@@ -67,8 +70,9 @@ def from_pretrained(path_or_id: str | os.PathLike, task: str | None = None, num_
     device = resolve_device(device)
     with Checkpoint(model_dir) as checkpoint:
         config = _checked_config(config_class, config_dict, checkpoint, model_dir / "config.json")
-        dtype = _resolve_dtype(dtype, config_dict, checkpoint)
-        qconfig, prequantized = _resolve_quantization(quantize, config_dict, dtype)
+        dtype, compute_dtype = _resolve_dtype(dtype, config_dict, checkpoint,
+                                              quantize is not None or "quantization_config" in config_dict)
+        qconfig, prequantized = _resolve_quantization(quantize, config_dict, compute_dtype)
         with torch.device("meta"), _no_random_init():
             model = model_class(config)
         _load_weights(model, checkpoint, config_dict, dtype, device, qconfig, prequantized)
@@ -132,16 +136,24 @@ def _set_num_labels(config_dict: dict, num_labels: int) -> None:
         config_dict["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
 
 
-def _resolve_dtype(dtype, config_dict: dict, checkpoint: Checkpoint) -> torch.dtype:
+def _resolve_dtype(dtype, config_dict: dict, checkpoint: Checkpoint,
+                   quantized: bool) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype of the dense weights, default compute dtype of quantized layers).
+
+    Both are `dtype` when given, else the checkpoint's; except that a quantized model with dtype=None keeps
+    its dense weights in fp32: in a bf16 residual stream the first LoRA updates are mostly rounded away."""
+    requested = dtype
     if dtype in (None, "auto"):
         dtype = config_dict.get("dtype") or config_dict.get("torch_dtype") or checkpoint.majority_float_dtype()
         if dtype is None:
-            return torch.get_default_dtype()
+            dtype = torch.get_default_dtype()
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype (or its name, or 'auto'), got {dtype!r}")
-    return dtype
+    if quantized and requested is None:
+        return torch.float32, dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return dtype, dtype
 
 
 def _resolve_quantization(quantize, config_dict: dict, dtype: torch.dtype):

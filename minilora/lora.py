@@ -4,8 +4,9 @@ The base may be an `nn.Linear` or a quantized layer (NF4/int8): anything with `i
 `out_features`, a forward, and either a `weight` (dense) or a `dequantize()` method for merging.
 
 Training speed (where minilora and peft differ; peft gives the same results up to rounding and dropout draws):
-- The LoRA matmuls run in the activation dtype (bf16 in a bf16 / QLoRA model, as the QLoRA paper's code
-  did); the factors stay fp32 master weights, cast per call, so their gradients and updates are fp32.
+- The LoRA matmuls run in the activation dtype (bf16 in a bf16 model; fp32 in a QLoRA model's fp32 residual
+  stream, whose quantized bases compute in bf16); the factors stay fp32 master weights, cast per call, so
+  their gradients and updates are fp32.
 - Dropout masks come from 16 random bits per element (p rounded to a multiple of 1/65536), several times
   cheaper than `bernoulli_` on CPU, and the 1/(1-p) rescaling is folded into the LoRA scaling.
 - LoRA layers fed the very same input tensor (q/k/v, gate/up) share one dropout mask and one dropped
@@ -147,8 +148,8 @@ class _LoraUpdate(torch.autograd.Function):
 
 
 def _runs_inside(base: nn.Module, x: torch.Tensor) -> bool:
-    """Whether _LoraLinearFn can compute `base` itself: a frozen nn.Linear or quantized linear layer that
-    computes in x's dtype by dequantizing, with a frozen bias (or none) and no hooks, outside autocast."""
+    """Whether _LoraLinearFn can compute `base` itself: a frozen nn.Linear in x's dtype or a quantized linear
+    layer (any compute dtype) that dequantizes, with a frozen bias (or none) and no hooks, outside autocast."""
     if base._forward_hooks or base._forward_pre_hooks or torch.is_autocast_enabled(x.device.type):
         return False
     bias = base.bias
@@ -158,12 +159,17 @@ def _runs_inside(base: nn.Module, x: torch.Tensor) -> bool:
         return not base.weight.requires_grad and base.weight.dtype == x.dtype
     from minilora.quant import QuantizedLinear
 
-    return (isinstance(base, QuantizedLinear) and (base.compute_dtype or x.dtype) == x.dtype
+    return (isinstance(base, QuantizedLinear)
             and not base.uses_bnb_matmul(x, bias))  # bitsandbytes' kernels (CUDA) run in the base's forward
 
 
 def _weight_in(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return base.dequantize(dtype) if hasattr(base, "dequantize") else base.weight
+
+
+def _compute_dtype(base: nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """The dtype `base`'s product runs in for inputs of `dtype`: a quantized layer's compute dtype, else `dtype`."""
+    return getattr(base, "compute_dtype", None) or dtype
 
 
 class _LoraLinearFn(torch.autograd.Function):
@@ -174,6 +180,10 @@ class _LoraLinearFn(torch.autograd.Function):
     ((grad of the A products) @ A) * mask, with in-place addmm/addcmul, where autograd would make one tensor
     per contribution plus a dropout-mask pass and sum them. Quantized weights are dequantized again in
     backward, as `quant._FrozenLinearFn` does. `keep` is the dropout mask (None: no dropout).
+
+    A quantized base may compute in a narrower dtype than x (QLoRA: bf16 products in an fp32 residual stream):
+    its product then takes x and the weight in that dtype and is rounded to it, as the quantized layer alone
+    returns it, before the LoRA update is added in x's dtype, where a small update is not rounded away.
     """
 
     @staticmethod
@@ -188,11 +198,18 @@ class _LoraLinearFn(torch.autograd.Function):
         a_weight = torch.cat([a.to(dtype) for a in a_factors])  # (sum of ranks, in)
         scaled_b_ts = [(b.t() * s).to(dtype).contiguous() for b, s in zip(b_factors, scalings, strict=True)]
         a_all = h2.to(mm) @ a_weight.to(mm).t()
-        x2 = x2.to(mm)
+        inputs: dict[torch.dtype, torch.Tensor] = {}  # x in each compute dtype of the bases, converted once
         outs = []
         for base, a, b_t in zip(bases, a_all.split([a.shape[0] for a in a_factors], -1), scaled_b_ts, strict=True):
-            bias = None if base.bias is None else base.bias.to(mm)
-            out = F.linear(x2, _weight_in(base, dtype).to(mm), bias).addmm_(a, b_t.to(mm))
+            compute = _compute_dtype(base, dtype)
+            mm_base = gemm.gemm_dtype(compute, x.device, x2.shape[0])
+            if compute not in inputs:
+                inputs[compute] = x2.to(compute).to(mm_base)
+            bias = None if base.bias is None else base.bias.to(compute).to(mm_base)
+            out = F.linear(inputs[compute], _weight_in(base, compute).to(mm_base), bias)
+            if compute != dtype:
+                out = out.to(compute).to(mm)
+            out = out.addmm_(a, b_t.to(mm))
             outs.append(out.view(*x.shape[:-1], out.shape[-1]).to(dtype))
         ctx.save_for_backward(h2, keep2, a_all, a_weight, *scaled_b_ts)
         ctx.bases, ctx.scalings, ctx.x_shape = bases, scalings, x.shape
@@ -211,8 +228,15 @@ class _LoraLinearFn(torch.autograd.Function):
         grad_x, grad_as, grad_bs = None, [None] * n, [None] * n
         if ctx.needs_input_grad[0]:
             for base, g in zip(ctx.bases, gs, strict=True):
-                weight = _weight_in(base, dtype).to(mm)
-                grad_x = g @ weight if grad_x is None else grad_x.addmm_(g, weight)
+                compute = _compute_dtype(base, dtype)  # as the base's own backward: g and W in that dtype
+                mm_base = gemm.gemm_dtype(compute, g.device, g.shape[0])
+                weight = _weight_in(base, compute).to(mm_base)
+                g_in = g if compute == dtype else g.to(compute).to(mm_base)
+                if mm_base == mm:
+                    grad_x = g_in @ weight if grad_x is None else grad_x.addmm_(g_in, weight)
+                else:
+                    part = (g_in @ weight).to(mm)
+                    grad_x = part if grad_x is None else grad_x.add_(part)
             lora_grad = grad_a @ a_weight.to(mm)
             grad_x = grad_x.add_(lora_grad) if keep2 is None else grad_x.addcmul_(lora_grad, keep2)
             grad_x = grad_x.view(ctx.x_shape).to(dtype)

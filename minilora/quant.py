@@ -88,7 +88,8 @@ class QuantConfig:
     quant_type: "nf4" (QLoRA's 4-bit NormalFloat), "fp4" or "int8" (LLM.int8's row-wise int8 weights).
     double_quant / blocksize: 4-bit only: quantize the per-block scales again (~0.37 bit per weight less);
         weights per scale.
-    compute_dtype: dtype of the matmuls; None means the model's dtype.
+    compute_dtype: dtype of the matmuls; None means from_pretrained's `dtype`, else the checkpoint's (the
+        rest of the model, and so the layer's output, stays fp32 unless `dtype` is given).
     skip_modules: linear layers kept dense, as transformers' `llm_int8_skip_modules` (a prefix on a module
         boundary, a regex, or a suffix). None keeps the output head dense; a list replaces that default, so
         name the head (["lm_head", ...]) to keep it dense, or pass [] to quantize it too. New task heads, a
