@@ -129,8 +129,9 @@ def test_an_explicit_skip_list_replaces_the_default_like_transformers(tmp_path, 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "int8"])
 def test_merge_and_unload_of_the_examples_qlora_is_one_dtype_and_runs_without_autocast(llama_dir, quant_type):
-    """The examples' QLoRA precision: fp32 load, bf16 compute. The merged model comes back in fp32 (the load
-    dtype) everywhere, so forward and generate need no autocast; dtype= picks another one."""
+    """The examples' QLoRA precision: fp32 load, bf16 compute. The merged model comes back in one dtype
+    everywhere (by default the compute dtype, bf16; dtype= picks another), so forward and generate need no
+    autocast."""
     def qlora():
         model = ml.from_pretrained(llama_dir, dtype=torch.float32,
                                    quantize=ml.QuantConfig(quant_type, compute_dtype=torch.bfloat16))
@@ -140,7 +141,7 @@ def test_merge_and_unload_of_the_examples_qlora_is_one_dtype_and_runs_without_au
     model = qlora()
     with torch.no_grad():
         before = model(IDS).logits.float()
-    merged = ml.merge_and_unload(model)
+    merged = ml.merge_and_unload(model, dtype=torch.float32)
     assert {p.dtype for p in merged.parameters()} == {torch.float32}
     assert all(type(m) is nn.Linear for m in merged.modules() if hasattr(m, "in_features"))
     with torch.no_grad():
@@ -150,7 +151,7 @@ def test_merge_and_unload_of_the_examples_qlora_is_one_dtype_and_runs_without_au
     out = ml.generate(merged, IDS[:1, :5], max_new_tokens=4, eos_token_id=[])
     assert out.shape == (1, 9)
 
-    half = ml.merge_and_unload(qlora(), dtype=torch.bfloat16, device="cpu")
+    half = ml.merge_and_unload(qlora(), device="cpu")
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     assert {t.device.type for t in [*half.parameters(), *half.buffers()]} == {"cpu"}
     assert ml.generate(half, IDS[:1, :5], max_new_tokens=4, eos_token_id=[]).shape == (1, 9)
