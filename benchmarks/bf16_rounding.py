@@ -4,7 +4,7 @@
 
 - fp32: NF4 base with fp32 compute, the reference;
 - bf16: bf16 compute as minilora runs it on this CPU (products in fp32 on CPUs without fast bf16 GEMMs,
-  each output rounded once; see minilora/gemm.py);
+  each output rounded once; see minilora/ops/gemm.py);
 - bf16 native: bf16 compute through PyTorch's bf16 kernels, where the LoRA update is added into an
   already rounded bf16 base output, as peft does.
 Same weights, LoRA init, batches (4 of 2 x 64, cycled) and AdamW (lr 2e-4), dropout 0.
@@ -16,7 +16,7 @@ import torch
 import minilora as ml
 from benchmarks import assets
 from benchmarks.stacks import LLAMA_PROJECTIONS, seeded_lora_init
-from minilora import gemm
+from minilora.ops import gemm
 
 
 def curve(dtype: torch.dtype, steps: int = 8) -> list[float]:

@@ -118,8 +118,8 @@ def _quant_state_bytes(state) -> int:
 def matmul_flops_per_s(rows: int, inner: int, cols: int, device: torch.device, repeats: int = 5) -> float:
     """FLOP/s of a (rows, inner) @ (inner, cols) bf16 product as it runs here, best of `repeats`: PyTorch's bf16
     kernel where the CPU has fast bf16 instructions (or on a GPU), else fp32, which is what minilora's bf16
-    products run in there (`minilora.gemm`). The peak that MFU is measured against, taken in the case's run."""
-    from minilora import gemm
+    products run in there (`minilora.ops.gemm`). The peak that MFU is measured against, taken in the case's run."""
+    from minilora.ops import gemm
 
     dtype = gemm.gemm_dtype(torch.bfloat16, device, rows)
     a = torch.randn(rows, inner, device=device, dtype=dtype)

@@ -22,7 +22,7 @@ from common import (common_parser, peak_memory, print_metrics, resolve_device, r
 import minilora as ml
 from minilora.data import Collator, classification_dataset, load_records
 from minilora.metrics import accuracy
-from minilora.train import seed_everything, train
+from minilora.train.loop import seed_everything, train
 
 OFFLINE_COMMAND = ("python examples/bert_sentiment_lora.py --model /path/to/all-MiniLM-L6-v2 "
                    "--data ../shared/data/rotten_tomatoes")

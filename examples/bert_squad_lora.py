@@ -21,7 +21,7 @@ from common import (common_parser, peak_memory, print_metrics, resolve_device, r
 import minilora as ml
 from minilora.data import Collator, load_records, postprocess_qa_predictions, qa_dataset
 from minilora.metrics import squad_metrics
-from minilora.train import seed_everything, train
+from minilora.train.loop import seed_everything, train
 
 OFFLINE_COMMAND = ("python examples/bert_squad_lora.py --model /path/to/all-MiniLM-L6-v2 "
                    "--data ../shared/data/squad")

@@ -126,8 +126,8 @@ def subsample(rows: Sequence[dict], n: int | None, seed: int) -> Sequence[dict]:
 
 
 def timed_evaluate(model: torch.nn.Module, data: Sequence[dict], **kwargs: Any) -> dict[str, float]:
-    """`minilora.train.evaluate` plus eval_runtime (s) and eval_samples_per_second, as transformers has."""
-    from minilora.train import evaluate
+    """`minilora.train.loop.evaluate` plus eval_runtime (s) and eval_samples_per_second, as transformers has."""
+    from minilora.train.loop import evaluate
 
     start = time.perf_counter()
     metrics = evaluate(model, data, **kwargs)

@@ -27,8 +27,8 @@ from common import (common_parser, hold_out, peak_memory, print_metrics, run_scr
 import minilora as ml
 from minilora.data import Collator, load_records, seq2seq_dataset
 from minilora.data.readers import Records
-from minilora.hub import resolve_files
-from minilora.train import train
+from minilora.io.hub import resolve_files
+from minilora.train.loop import train
 
 OFFLINE = ("python examples/flan_t5_qlora.py --model ../test-models/t5-random-flan-small-shape "
            "--data ../shared/data/openorca --max-train-samples 200 --max-target-length 64")

@@ -35,7 +35,7 @@ from common import (add_prompt_format_option, common_parser, conversation_text, 
 import minilora as ml
 from minilora.data import Collator, causal_lm_dataset, chat_dataset, show_masking
 from minilora.data.readers import Records
-from minilora.train import train
+from minilora.train.loop import train
 
 DEFAULT_MODEL = "abhishek/llama-2-7b-hf-small-shards"
 SAFETENSORS_REVISION = "refs/pr/7"  # its main branch holds only pickled weights, which minilora never loads

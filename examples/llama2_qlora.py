@@ -36,7 +36,7 @@ from common import (add_prompt_format_option, common_parser, conversation_text, 
 
 import minilora as ml
 from minilora.data import Collator, causal_lm_dataset, show_masking
-from minilora.train import train
+from minilora.train.loop import train
 
 OFFLINE = ("python examples/llama2_qlora.py --model ../test-models/SmolLM2-135M-Instruct "
            "--data ../shared/data/guanaco_llama2_1k --max-train-samples 200 --max-seq-length 256")

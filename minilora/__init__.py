@@ -6,23 +6,23 @@ stays fast and never imports transformers or peft.
 """
 from importlib import import_module
 
-from .adapter import adapter_state_dict, load_adapter, save_adapter
-from .checkpointing import enable_gradient_checkpointing
-from .config import LoraConfig
+from minilora.lora.adapter import adapter_state_dict, load_adapter, save_adapter
+from minilora.models.gradient_checkpointing import enable_gradient_checkpointing
+from minilora.lora.config import LoraConfig
 # train and generate are functions named like their modules: import them eagerly so the function, not the
 # submodule, is what `minilora.train` / `minilora.generate` mean.
-from .generate import generate
-from .inject import apply_lora, merge_and_unload, merge_lora, trainable_parameters, unmerge_lora
-from .lora import LoraLinear
-from .plot import plot_metrics
-from .train import TrainConfig, evaluate, train
+from minilora.generate import generate
+from minilora.lora.inject import apply_lora, merge_and_unload, merge_lora, trainable_parameters, unmerge_lora
+from minilora.lora.layer import LoraLinear
+from minilora.train.plot import plot_metrics
+from minilora.train.loop import TrainConfig, evaluate, train
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "from_pretrained": "loading", "save_pretrained": "loading",
-    "load_tokenizer": "tokenizer", "Tokenizer": "tokenizer",
-    "QuantConfig": "quant",
+    "from_pretrained": "io.load", "save_pretrained": "io.load",
+    "load_tokenizer": "text.tokenizer", "Tokenizer": "text.tokenizer",
+    "QuantConfig": "quant.layers",
     "resolve_device": "device",
     "data": None, "metrics": None, "models": None,
 }

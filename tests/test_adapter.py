@@ -190,7 +190,7 @@ def test_save_is_atomic(saved, monkeypatch):
         with open(filename, "wb") as f:
             f.write(b"partial")
         raise OSError("disk full")
-    monkeypatch.setattr("minilora.adapter.save_file", broken)
+    monkeypatch.setattr("minilora.lora.adapter.save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         ml.save_adapter(model, saved)
     assert (saved / "adapter_model.safetensors").read_bytes() == before

@@ -76,7 +76,7 @@ def _backend():
 
 
 def _tokenizer(template):
-    from minilora.tokenizer import Tokenizer
+    from minilora.text.tokenizer import Tokenizer
 
     return Tokenizer(_backend(), {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
                      chat_template=template)

@@ -29,7 +29,7 @@ import llama2_qlora  # noqa: E402
 
 import minilora as ml  # noqa: E402
 from minilora.data import Collator, causal_lm_dataset  # noqa: E402
-from minilora.train import evaluate  # noqa: E402
+from minilora.train.loop import evaluate  # noqa: E402
 
 QA = [("What is the capital of France?", "Paris is the capital of France."),
       ("Name a red fruit.", "An apple is a red fruit."),

@@ -1,10 +1,10 @@
-"""bf16 products in fp32 on CPUs without fast bf16 kernels (minilora.gemm): the same numbers as the native
+"""bf16 products in fp32 on CPUs without fast bf16 kernels (minilora.ops.gemm): the same numbers as the native
 bf16 path up to rounding, for whole QLoRA training steps, whichever CPU the tests run on."""
 import pytest
 import torch
 
 import minilora as ml
-from minilora import gemm
+from minilora.ops import gemm
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")

@@ -18,7 +18,7 @@ from minilora.device import resolve_device
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import common  # noqa: E402
 
-train_module = importlib.import_module("minilora.train")  # minilora.train is the function
+train_module = importlib.import_module("minilora.train.loop")  # minilora.train.loop is the function
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def test_train_and_the_examples_resolve_the_same_device_before_loading(monkeypat
 
 
 def test_from_pretrained_loads_on_the_shared_default_device(monkeypatch):
-    from minilora import loading
+    from minilora.io import load as loading
 
     asked = []
 
@@ -86,7 +86,7 @@ def test_from_pretrained_loads_on_the_shared_default_device(monkeypatch):
 
 def test_an_old_bitsandbytes_is_refused_at_import_with_the_version_needed(monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
-    from minilora import quant
+    from minilora.quant import layers as quant
 
     monkeypatch.setattr(bnb, "__version__", "0.45.5")
     quant._bnb.cache_clear()
@@ -102,7 +102,7 @@ def test_an_old_bitsandbytes_is_refused_at_import_with_the_version_needed(monkey
 
 def test_blocksize_32_on_cuda_needs_bitsandbytes_0_49(monkeypatch):
     pytest.importorskip("bitsandbytes")
-    from minilora import quant
+    from minilora.quant import layers as quant
 
     monkeypatch.setattr(quant, "bnb_version", lambda module=None: (0, 48))
     with pytest.raises(ValueError, match=r"QuantConfig.blocksize=32 needs bitsandbytes >= 0\.49 on CUDA"):
@@ -123,7 +123,7 @@ def test_blocksize_32_on_cuda_needs_bitsandbytes_0_49(monkeypatch):
 # ---------------------------------------------------------------- which kernel a quantized layer runs
 
 def test_4bit_decoding_on_cuda_goes_through_matmul_4bit():
-    from minilora.quant import DECODE_MAX_ROWS, decodes_with_matmul_4bit
+    from minilora.quant.layers import DECODE_MAX_ROWS, decodes_with_matmul_4bit
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert decodes_with_matmul_4bit(cuda, 1, needs_grad=False)
@@ -137,7 +137,7 @@ def test_4bit_decoding_on_cuda_goes_through_matmul_4bit():
 def bnb_matmul_on_cpu(monkeypatch):
     """The CUDA routing, run on the CPU: bitsandbytes' CPU kernels stand in for the CUDA ones."""
     pytest.importorskip("bitsandbytes")
-    from minilora import quant
+    from minilora.quant import layers as quant
 
     monkeypatch.setattr(quant, "BNB_MATMUL_DEVICES", ("cuda", "cpu"))
     calls = []
@@ -150,7 +150,7 @@ def bnb_matmul_on_cpu(monkeypatch):
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 def test_the_4bit_decode_route_calls_matmul_4bit_like_linear4bit(bnb_matmul_on_cpu, compute_dtype):
-    from minilora import quant
+    from minilora.quant import layers as quant
 
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(96, 128, generator=g) * 0.05, torch.randn(96, generator=g) * 0.1
@@ -171,7 +171,7 @@ def test_int8_on_cuda_runs_llm_int8_with_the_configured_threshold(bnb_matmul_on_
     """On CUDA the int8 layer is bitsandbytes' Linear8bitLt: LLM.int8 with outlier columns (here run by the
     CPU kernels, which Linear8bitLt runs in eval mode); int8_threshold decides which columns are outliers."""
     bnb = pytest.importorskip("bitsandbytes")
-    from minilora import quant
+    from minilora.quant import layers as quant
 
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(48, 64, generator=g) * 0.05, torch.randn(48, generator=g) * 0.1
@@ -205,7 +205,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_lora_layers_leave_the_cuda_kernels_to_their_quantized_base(bnb_matmul_on_cpu, quant_type):
     """LoRA's fused path computes a quantized base itself by dequantizing; where the base would run a
     bitsandbytes kernel (CUDA decoding, CUDA int8) the base's own forward runs instead, LoRA added after."""
-    from minilora import quant
+    from minilora.quant import layers as quant
 
     g = torch.Generator().manual_seed(0)
     base = quant.quantize_linear(torch.randn(32, 64, generator=g) * 0.05, None,
@@ -225,7 +225,7 @@ def test_lora_layers_leave_the_cuda_kernels_to_their_quantized_base(bnb_matmul_o
 def test_cross_entropy_gives_the_same_bits_in_gpu_sized_chunks(monkeypatch, dtype):
     """A GPU reads the logits in DEVICE_CHUNK_ELEMENTS chunks: the same loss and gradient, bit for bit, as the
     CPU's cache-sized chunks (rows are independent); a loss scale (accumulation) applies on both paths."""
-    from minilora import fused
+    from minilora.ops import fused
 
     torch.manual_seed(0)
     logits = (torch.randn(300, 1000) * 4).to(dtype).requires_grad_()
@@ -248,8 +248,8 @@ def test_cross_entropy_gives_the_same_bits_in_gpu_sized_chunks(monkeypatch, dtyp
 def test_checkpoint_tensors_go_to_a_gpu_in_few_pinned_pieces(tmp_path, monkeypatch):
     """To the CPU a converted tensor is read a few rows at a time (memory); to CUDA it is read in large
     pieces into pinned memory (asynchronous copies). The meta device stands in for the GPU's allocation."""
-    from minilora import loading
-    from minilora.safetensors_io import Checkpoint, SafetensorsFile, save_safetensors
+    from minilora.io import load as loading
+    from minilora.io.safetensors_file import Checkpoint, SafetensorsFile, save_safetensors
 
     save_safetensors({"w": torch.randn(4096, 1024)}, tmp_path / "model.safetensors")  # 16 MiB of fp32
     reads = []
@@ -274,7 +274,8 @@ def test_checkpoint_tensors_go_to_a_gpu_in_few_pinned_pieces(tmp_path, monkeypat
 
 def test_a_saved_int8_layer_loads_with_the_checkpoints_threshold():
     pytest.importorskip("bitsandbytes")
-    from minilora import quant, quant_format
+    from minilora.quant import layers as quant
+    from minilora.quant import format as quant_format
 
     saved = ml.QuantConfig("int8", int8_threshold=4.0)
     layer = quant.quantize_linear(torch.randn(16, 64), None, saved)

@@ -10,8 +10,8 @@ import torch
 from train_helpers import VOCAB_SIZE, tiny_llama
 
 import minilora as ml
-from minilora.loading import from_pretrained, save_pretrained
-from minilora.safetensors_io import CheckpointError, load_safetensors, save_safetensors
+from minilora.io.load import from_pretrained, save_pretrained
+from minilora.io.safetensors_file import CheckpointError, load_safetensors, save_safetensors
 
 
 def snapshot(folder: Path) -> dict[str, str]:

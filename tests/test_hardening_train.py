@@ -16,10 +16,10 @@ from train_helpers import TinyClassifier, classification_data, tiny_llama, tiny_
 import minilora as ml
 from minilora.data.causal_lm import causal_lm_dataset
 from minilora.data.readers import load_records
-from minilora.output_lock import LOCK_NAME, OutputDirLocked
-from minilora.resume import TrainState, save_checkpoint
-from minilora.safetensors_io import CheckpointError
-from minilora.train import TrainConfig, build_optimizer, train
+from minilora.train.output_lock import LOCK_NAME, OutputDirLocked
+from minilora.train.checkpoints import TrainState, save_checkpoint
+from minilora.io.safetensors_file import CheckpointError
+from minilora.train.loop import TrainConfig, build_optimizer, train
 
 
 def config(out: Path, **kw) -> TrainConfig:

@@ -10,7 +10,7 @@ import transformers
 from conftest import real_model_dir
 from safetensors.torch import load_file
 
-from minilora.checkpointing import enable_gradient_checkpointing
+from minilora.models.gradient_checkpointing import enable_gradient_checkpointing
 from minilora.models.llama import LlamaConfig, LlamaForCausalLM, rope_inv_freq
 
 transformers.logging.set_verbosity_error()

@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minilora import loading
-from minilora.hub import resolve_files, resolve_model_dir
-from minilora.loading import CheckpointError, SafetensorsFile, from_pretrained, save_pretrained
+from minilora.io import load as loading
+from minilora.io.hub import resolve_files, resolve_model_dir
+from minilora.io.load import CheckpointError, SafetensorsFile, from_pretrained, save_pretrained
 from minilora.models import model_classes, resolve_task
 
 transformers.logging.set_verbosity_error()
@@ -484,7 +484,7 @@ def test_real_checkpoint_peak_memory_stays_near_model_size():
     """Load SmolLM2 (538 MB in fp32) in a fresh process: peak RSS grows by little more than the model."""
     folder = real_model_dir("SmolLM2-135M-Instruct")
     script = (
-        "import re, torch, minilora.loading as L\n"
+        "import re, torch, minilora.io.load as L\n"
         "def rss(field): return int(re.search(field + r':\\s+(\\d+)', open('/proc/self/status').read())[1]) * 1024\n"
         "with torch.device('meta'):\n"  # torch's one-time ~70 MB set-up for meta modules is not the loader's
         "    torch.nn.Embedding(2, 2)\n"
@@ -505,7 +505,7 @@ def test_real_checkpoint_quantized_on_load_peaks_near_the_quantized_size():
     time, so peak RSS grows by about the NF4 model, not by its 16-bit weights (issue: at most 1.25x)."""
     folder = real_model_dir("SmolLM2-135M-Instruct")
     script = (
-        "import re, torch, bitsandbytes, minilora.loading as L, minilora.quant as Q\n"
+        "import re, torch, bitsandbytes, minilora.io.load as L, minilora.quant.layers as Q\n"
         "from benchmarks.measure import tensor_bytes\n"
         "def rss(field): return int(re.search(field + r':\\s+(\\d+)', open('/proc/self/status').read())[1]) * 1024\n"
         "with torch.device('meta'):\n"
@@ -524,7 +524,7 @@ def test_real_checkpoint_quantized_on_load_peaks_near_the_quantized_size():
 
 def test_quantize_on_load_matches_a_transformers_quantized_checkpoint(tmp_path, llama_dir):
     """nf4 on load == the packed bytes transformers + bitsandbytes write; our saved folder loads in both."""
-    quant_format = pytest.importorskip("minilora.quant_format")
+    quant_format = pytest.importorskip("minilora.quant.format")
     hf = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32, quantization_config=(
         transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                         bnb_4bit_compute_dtype=torch.float32))).eval()
@@ -548,7 +548,7 @@ def test_quantize_on_load_matches_a_transformers_quantized_checkpoint(tmp_path, 
 
 
 def test_int8_round_trip(tmp_path, llama_dir):
-    pytest.importorskip("minilora.quant")
+    pytest.importorskip("minilora.quant.layers")
     model = from_pretrained(llama_dir, quantize="int8")
     assert model.model.layers[1].mlp.down_proj.weight.dtype == torch.int8
     reloaded = from_pretrained(save_pretrained(model, tmp_path))

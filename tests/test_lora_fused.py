@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from minilora import lora
-from minilora.lora import LoraLinear
-from minilora.quant import QuantConfig, quantize_linear
+from minilora.lora import layer as lora
+from minilora.lora.layer import LoraLinear
+from minilora.quant.layers import QuantConfig, quantize_linear
 
 
 def frozen_linear(in_f, out_f, bias, dtype, quantized):

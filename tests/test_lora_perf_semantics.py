@@ -1,6 +1,6 @@
 """What the training-speed work changed, checked against oracles: fast dropout masks (rate, seeding, sharing
 between layers fed the same tensor, replay under gradient checkpointing), LoRA matmuls in the activation
-dtype, and the hand-written backward passes of minilora.fused (cross-entropy, RMSNorm, rotary, attention),
+dtype, and the hand-written backward passes of minilora.ops.fused (cross-entropy, RMSNorm, rotary, attention),
 up to a QLoRA loss curve equal to peft + bitsandbytes'."""
 import copy
 
@@ -11,9 +11,10 @@ from lora_helpers import batch, peft_twin, tiny_llama
 from torch import nn
 
 import minilora as ml
-from minilora import fused, lora
-from minilora.checkpointing import enable_gradient_checkpointing
-from minilora.lora import LoraLinear, dropout_keep_mask
+from minilora.ops import fused
+from minilora.lora import layer as lora
+from minilora.models.gradient_checkpointing import enable_gradient_checkpointing
+from minilora.lora.layer import LoraLinear, dropout_keep_mask
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -14,7 +14,7 @@ from train_helpers import VOCAB_SIZE, tiny_lora_llama, variable_length_lm_data
 from train_helpers import main as train_main
 
 from minilora.data import Collator
-from minilora.train import TrainConfig, evaluate, loss_targets, train
+from minilora.train.loop import TrainConfig, evaluate, loss_targets, train
 
 # AdamW with beta1 = beta2 = 0 and a huge epsilon is SGD: update = lr * g / (|g| + eps) ~ (lr / eps) * g.
 SGD_LIKE = dict(adam_beta1=0.0, adam_beta2=0.0, adam_epsilon=1e3, learning_rate=1e3, weight_decay=0.0,
@@ -86,7 +86,7 @@ def test_eval_loss_is_the_token_mean_of_the_whole_set():
 def test_seq2seq_counts_every_decoder_label(tmp_path):
     import transformers as tf
 
-    from minilora.loading import from_pretrained
+    from minilora.io.load import from_pretrained
 
     torch.manual_seed(0)
     tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=VOCAB_SIZE, d_model=32, d_kv=8, d_ff=64, num_layers=2,
@@ -136,7 +136,7 @@ def test_two_gloo_processes_match_one_process_on_variable_lengths(tmp_path):
 def test_logged_loss_equals_transformers_trainer(tmp_path):
     import transformers as tf
 
-    from minilora.loading import from_pretrained
+    from minilora.io.load import from_pretrained
 
     torch.manual_seed(0)
     hf = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64,

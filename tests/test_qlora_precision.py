@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import minilora as ml
-from minilora import quant
+from minilora.quant import layers as quant
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")

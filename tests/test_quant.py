@@ -1,4 +1,4 @@
-"""Quantized base layers (minilora.quant) against bitsandbytes' own layers and transformers' bnb models."""
+"""Quantized base layers (minilora.quant.layers) against bitsandbytes' own layers and transformers' bnb models."""
 import copy
 import json
 
@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora import quant, quant_format
-from minilora.quant import QuantConfig
+from minilora.quant import layers as quant
+from minilora.quant import format as quant_format
+from minilora.quant.layers import QuantConfig
 
 bnb = pytest.importorskip("bitsandbytes")
 bnbF = quant._bnb().functional
@@ -409,7 +410,7 @@ IDS = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(3))
 
 @pytest.mark.parametrize("quant_type", ["nf4", "int8"])
 def test_loaded_llama_matches_transformers_bnb_model(tmp_path, quant_type):
-    from minilora.loading import from_pretrained
+    from minilora.io.load import from_pretrained
     path = _tiny_hf_llama(tmp_path, tie=quant_type == "int8")
     ours = from_pretrained(path, quantize=quant_type, dtype=torch.float32)
     layer_type = quant.NF4Linear if quant_type == "nf4" else quant.Int8Linear
@@ -427,7 +428,7 @@ def test_loaded_llama_matches_transformers_bnb_model(tmp_path, quant_type):
 
 @pytest.mark.parametrize("quant_type", ["nf4", "int8"])
 def test_saved_quantized_llama_loads_in_transformers_and_back(tmp_path, quant_type):
-    from minilora.loading import from_pretrained, save_pretrained
+    from minilora.io.load import from_pretrained, save_pretrained
     transformers = pytest.importorskip("transformers")
     path = _tiny_hf_llama(tmp_path)
     ours = from_pretrained(path, quantize=quant_type, dtype=torch.float32)
@@ -462,7 +463,7 @@ def _save_tiny_hf_task(tmp_path, family):
 def test_skip_list_written_from_the_model_makes_transformers_load_heads_and_t5_wo_dense(tmp_path, family):
     """transformers' default skip rule differs from minilora's for classifier heads (it would quantize them);
     quant_config_to_dict(qconfig, model) names minilora's dense layers so the checkpoint loads as saved."""
-    from minilora.loading import from_pretrained, save_pretrained
+    from minilora.io.load import from_pretrained, save_pretrained
     path, hf_class = _save_tiny_hf_task(tmp_path, family)
     ours = from_pretrained(path, quantize="nf4", dtype=torch.float32).train()
     dense = quant_format.quant_config_to_dict(ours.quant_config, ours)["llm_int8_skip_modules"]

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import TinyClassifier, classification_data, fixed_length_lm_data, tiny_lora_llama
 
-from minilora.resume import read_tree, write_tree
-from minilora.train import TrainConfig, train
+from minilora.train.checkpoints import read_tree, write_tree
+from minilora.train.loop import TrainConfig, train
 
 
 class Killed(Exception):

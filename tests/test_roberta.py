@@ -11,7 +11,7 @@ import transformers
 from lora_helpers import peft_twin
 
 import minilora as ml
-from minilora.loading import from_pretrained
+from minilora.io.load import from_pretrained
 from minilora.models.roberta import RobertaConfig, RobertaEmbeddings, XLMRobertaConfig
 
 ATOL = 1e-4
@@ -296,7 +296,8 @@ def test_nf4_matches_transformers_bitsandbytes(tmp_path, family, task):
     """Same NF4 weights as transformers + bitsandbytes, told (as minilora's saved config tells it) to keep
     minilora's dense layers dense: the task heads, and nothing else."""
     pytest.importorskip("bitsandbytes")
-    from minilora import quant, quant_format
+    from minilora.quant import layers as quant
+    from minilora.quant import format as quant_format
     hf = hf_model(family, TASKS[task], hidden_size=64, intermediate_size=128, hidden_dropout_prob=0.0,
                   attention_probs_dropout_prob=0.0)
     folder = save(hf, tmp_path)

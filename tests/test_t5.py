@@ -11,7 +11,7 @@ import transformers
 from conftest import real_model_dir
 from safetensors.torch import load_file, save_file
 
-from minilora.checkpointing import enable_gradient_checkpointing
+from minilora.models.gradient_checkpointing import enable_gradient_checkpointing
 from minilora.models.t5 import T5Config, T5ForConditionalGeneration, relative_position_bucket
 
 ATOL = 1e-4

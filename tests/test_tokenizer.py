@@ -1,4 +1,4 @@
-"""minilora.tokenizer against transformers' AutoTokenizer (the oracle) on real tokenizers and data, plus
+"""minilora.text.tokenizer against transformers' AutoTokenizer (the oracle) on real tokenizers and data, plus
 tokenizers built in-test so the core checks run without the real checkpoints."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from conftest import real_model_dir, shared_data_dir
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from minilora.tokenizer import BatchEncoding, Tokenizer, load_tokenizer, render_builtin_chat
+from minilora.text.tokenizer import BatchEncoding, Tokenizer, load_tokenizer, render_builtin_chat
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.", "A stitch in time saves nine!",

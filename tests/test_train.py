@@ -1,4 +1,4 @@
-"""minilora.train: the loop against a hand-written reference and transformers' schedules, end-to-end runs on
+"""minilora.train.loop: the loop against a hand-written reference and transformers' schedules, end-to-end runs on
 tiny random checkpoints of every task shape (loss goes down), files written, and error paths."""
 import json
 import os
@@ -13,7 +13,7 @@ import minilora as ml
 from minilora.data import (Collator, causal_lm_dataset, classification_dataset, postprocess_qa_predictions,
                            qa_dataset, seq2seq_dataset)
 from minilora.metrics import accuracy, squad_metrics
-from minilora.train import TrainConfig, build_optimizer, evaluate, lr_factor, train
+from minilora.train.loop import TrainConfig, build_optimizer, evaluate, lr_factor, train
 
 
 def _config(tmp_path, **kw):
@@ -121,7 +121,7 @@ def _hf_checkpoint(tmp_path, kind):
                             num_labels=2, **common)
         model = (tf.BertForQuestionAnswering if kind == "bert-qa" else tf.BertForSequenceClassification)(cfg)
     model.save_pretrained(tmp_path / kind, safe_serialization=True)
-    from minilora.loading import from_pretrained
+    from minilora.io.load import from_pretrained
     return from_pretrained(tmp_path / kind)
 
 
@@ -320,7 +320,7 @@ def test_bad_arguments_are_clear_errors(tmp_path):
 
 
 def test_plot_metrics(tmp_path):
-    from minilora.plot import plot_metrics
+    from minilora.train.plot import plot_metrics
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 2, "eval_loss": 1.7}\n')
     if _has_matplotlib():
@@ -334,7 +334,7 @@ def test_plot_metrics(tmp_path):
 def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     import sys
 
-    from minilora.plot import plot_metrics
+    from minilora.train.plot import plot_metrics
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r"pip install 'minilora\[plot\]'"):
@@ -365,7 +365,7 @@ def _fp16_run(tmp_path, monkeypatch, init_scale: float, **kw):
 def test_fp16_scales_the_loss_and_skips_the_steps_whose_gradients_overflow(tmp_path, monkeypatch):
     """A loss scale of 2^20 overflows fp16 gradients: those steps update nothing and halve the scale (no
     divergence error), until the scale fits and the steps that follow update the model."""
-    from minilora.resume import read_tree
+    from minilora.train.checkpoints import read_tree
 
     model = _fp16_run(tmp_path, monkeypatch, 2.0 ** 20, max_steps=8, save_steps=8)
     norms = [r["grad_norm"] for r in _read_metrics(tmp_path) if "grad_norm" in r]

@@ -30,7 +30,7 @@ def tiny_tokenizer(style: str = "bert"):
     from tokenizers import Tokenizer as Backend
     from tokenizers import models, pre_tokenizers, processors
 
-    from minilora.tokenizer import Tokenizer
+    from minilora.text.tokenizer import Tokenizer
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] if style == "bert" else ["[PAD]", "[UNK]", "<s>", "</s>"]
     vocab = {t: i for i, t in enumerate(specials + WORDS)}
@@ -132,7 +132,7 @@ def classification_data(n: int = 32, seed: int = 0, num_labels: int = 3) -> list
 def main(out_dir: str, args_json: str) -> None:
     from safetensors.torch import save_file
 
-    from minilora.train import TrainConfig, train
+    from minilora.train.loop import TrainConfig, train
 
     args = json.loads(args_json)
     model = tiny_lora_llama(seed=args.pop("model_seed", 0))

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..checks import check_number
-from .collate import IGNORE_INDEX, Features
-from .packing import pack
-from .readers import get_text, require_rows, source_of
+from minilora.checks import check_number
+from minilora.data.collate import IGNORE_INDEX, Features
+from minilora.data.packing import pack
+from minilora.data.readers import get_text, require_rows, source_of
 
 
 def causal_lm_dataset(records: Sequence[dict], tokenizer, *, max_length: int = 512, text_column: str = "text",

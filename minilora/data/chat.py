@@ -15,10 +15,10 @@ from __future__ import annotations
 import warnings
 from typing import Sequence
 
-from ..chat_template import render_chat, render_chat_with_generation_spans
-from .collate import IGNORE_INDEX, Features
-from .packing import pack
-from .readers import get_field, require_rows, source_of
+from minilora.text.chat_template import render_chat, render_chat_with_generation_spans
+from minilora.data.collate import IGNORE_INDEX, Features
+from minilora.data.packing import pack
+from minilora.data.readers import get_field, require_rows, source_of
 
 # ShareGPT's `from` values -> roles; rows holding {"from": ..., "value": ...} messages are read with it.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

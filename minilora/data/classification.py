@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .collate import Features
-from .readers import get_field, get_text, require_rows, source_of
+from minilora.data.collate import Features
+from minilora.data.readers import get_field, get_text, require_rows, source_of
 
 
 def classification_dataset(records: Sequence[dict], tokenizer, *, text_column: str = "text",

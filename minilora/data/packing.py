@@ -5,7 +5,7 @@ label of each document is -100, so no token is ever predicted from another docum
 """
 from __future__ import annotations
 
-from .collate import IGNORE_INDEX, Features
+from minilora.data.collate import IGNORE_INDEX, Features
 
 
 def pack(documents: list[tuple[list[int], list[int]]], max_length: int, source: str = "records") -> Features:

@@ -10,9 +10,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..checks import check_number
-from .collate import Features
-from .readers import get_field, get_text, require_rows, source_of
+from minilora.checks import check_number
+from minilora.data.collate import Features
+from minilora.data.readers import get_field, get_text, require_rows, source_of
 
 
 def qa_dataset(records: Sequence[dict], tokenizer, *, max_length: int = 384, doc_stride: int = 128,

@@ -198,6 +198,6 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     looks_local = repo_id.startswith(("/", ".", "~")) or repo_id.count("/") != 1 or repo_id.endswith(DATA_SUFFIXES)
     if looks_local:
         raise FileNotFoundError(f"data file or folder {repo_id!r} does not exist")
-    from ..hub import snapshot  # lazy: huggingface_hub is only needed for hub datasets
+    from minilora.io.hub import snapshot  # lazy: huggingface_hub is only needed for hub datasets
 
     return snapshot(repo_id, "dataset", revision, [f"*{s}" for s in DATA_SUFFIXES])

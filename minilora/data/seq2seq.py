@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .collate import Features
-from .readers import get_text, require_rows, source_of
+from minilora.data.collate import Features
+from minilora.data.readers import get_text, require_rows, source_of
 
 
 def seq2seq_dataset(records: Sequence[dict], tokenizer, *, source_column: str = "source",

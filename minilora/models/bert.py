@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora.checkpointing import run_block
+from minilora.models.gradient_checkpointing import run_block
 from minilora.models.inputs import checked_token_ids
 from minilora.models.outputs import ModelOutput
 

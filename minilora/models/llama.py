@@ -12,7 +12,7 @@ and scaled embeddings, norms around the attention and MLP outputs, soft-capped l
 with their own RoPE base, partial rotary dimensions, and Phi-3's fused `qkv_proj` / `gate_up_proj`.
 
 Training-speed details live elsewhere: norm, rope, attention (on CPU, with grad) and the loss use the
-hand-written backward passes of `minilora.fused`; `shared_input` runs the LoRA branches of q/k/v and of
+hand-written backward passes of `minilora.ops.fused`; `shared_input` runs the LoRA branches of q/k/v and of
 gate/up together.
 """
 from __future__ import annotations
@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora import fused, gemm
-from minilora.checkpointing import run_block
-from minilora.lora import shared_input
+from minilora.ops import fused
+from minilora.ops import gemm
+from minilora.models.gradient_checkpointing import run_block
+from minilora.lora.layer import shared_input
 from minilora.models.inputs import checked_token_ids
 from minilora.models.masks import restrict_to_documents
 from minilora.models.outputs import ModelOutput

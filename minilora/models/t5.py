@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora import gemm
-from minilora.checkpointing import run_block
+from minilora.ops import gemm
+from minilora.models.gradient_checkpointing import run_block
 from minilora.models.inputs import checked_token_ids
 from minilora.models.outputs import ModelOutput
 

@@ -4,7 +4,7 @@ AdamW (torch or bitsandbytes 8-bit/paged), warmup + constant/linear/cosine sched
 clipping, bf16 autocast (or fp16 with loss scaling), periodic eval, JSONL metrics, atomic resumable
 checkpoints, and DDP under torchrun.
 
-Checkpoints (what they hold, how they are written) live in minilora/resume.py.
+Checkpoints (what they hold, how they are written) live in minilora/train/checkpoints.py.
 """
 from __future__ import annotations
 
@@ -26,14 +26,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpointing import enable_gradient_checkpointing
-from .checks import check_fields, check_number
-from .data.collate import IGNORE_INDEX, Collator
-from .output_lock import output_dir_lock
-from .device import resolve_device
-from .plot import plot_metrics
-from .resume import (TrainState, data_fingerprint, find_checkpoint, load_trainable_weights, load_trainer_state,
-                     read_tree, remove_unfinished_checkpoints, save_checkpoint, set_rng_state)
+from minilora.models.gradient_checkpointing import enable_gradient_checkpointing
+from minilora.checks import check_fields, check_number
+from minilora.data.collate import IGNORE_INDEX, Collator
+from minilora.train.output_lock import output_dir_lock
+from minilora.device import resolve_device
+from minilora.train.plot import plot_metrics
+from minilora.train.checkpoints import (TrainState, data_fingerprint, find_checkpoint, load_trainable_weights,
+                                        load_trainer_state, read_tree, remove_unfinished_checkpoints, save_checkpoint,
+                                        set_rng_state)
 
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 SCHEDULES = ("constant", "linear", "cosine")

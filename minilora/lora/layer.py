@@ -15,7 +15,7 @@ Training speed (where minilora and peft differ; peft gives the same results up t
   that calls such siblings through `shared_input` also gets their A projections in one matmul.
 - A frozen base layer (nn.Linear or quantized) runs inside the LoRA layer's autograd node
   (`_LoraLinearFn`), so the input gradient of the bases and of the LoRA branch lands in one buffer.
-- On CPUs without fast bf16 kernels the bf16 products run in fp32, rounded once (`minilora.gemm`).
+- On CPUs without fast bf16 kernels the bf16 products run in fp32, rounded once (`minilora.ops.gemm`).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora import gemm
+from minilora.ops import gemm
 
 DROPOUT_RESOLUTION = 1 << 16  # dropout probabilities are rounded to multiples of 1 / 65536
 
@@ -157,7 +157,7 @@ def _runs_inside(base: nn.Module, x: torch.Tensor) -> bool:
         return False
     if type(base) is nn.Linear:
         return not base.weight.requires_grad and base.weight.dtype == x.dtype
-    from minilora.quant import QuantizedLinear
+    from minilora.quant.layers import QuantizedLinear
 
     return (isinstance(base, QuantizedLinear)
             and not base.uses_bnb_matmul(x, bias))  # bitsandbytes' kernels (CUDA) run in the base's forward
@@ -192,7 +192,7 @@ class _LoraLinearFn(torch.autograd.Function):
         n, dtype = len(bases), x.dtype
         a_factors, b_factors = factors[:n], factors[n:]
         x2 = x.reshape(-1, x.shape[-1])
-        mm = gemm.gemm_dtype(dtype, x.device, x2.shape[0])  # fp32 on CPUs without fast bf16 kernels (minilora.gemm)
+        mm = gemm.gemm_dtype(dtype, x.device, x2.shape[0])  # fp32 on CPUs without fast bf16 kernels (minilora.ops.gemm)
         keep2 = None if keep is None else keep.reshape(x2.shape)
         h2 = x2 if keep2 is None else x2 * keep2
         a_weight = torch.cat([a.to(dtype) for a in a_factors])  # (sum of ranks, in)

@@ -6,8 +6,8 @@ import re
 import torch
 from torch import nn
 
-from .config import LoraConfig
-from .lora import LoraLinear, dense_linear
+from minilora.lora.config import LoraConfig
+from minilora.lora.layer import LoraLinear, dense_linear
 
 # target_modules=None picks what peft picks for these model types (peft has no default for phi3).
 DEFAULT_TARGETS = {"bert": ["query", "value"], "t5": ["q", "v"], "roberta": ["query", "value"],

@@ -23,16 +23,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from minilora import load_checks
+from minilora.io import config_checks as load_checks
 from minilora.device import resolve_device
-from minilora.hub import resolve_model_dir
-from minilora.load_checks import MAX_NUM_LABELS
+from minilora.io.hub import resolve_model_dir
+from minilora.io.config_checks import MAX_NUM_LABELS
 from minilora.models import FAMILIES, model_classes
-from minilora.safetensors_io import (Checkpoint, CheckpointError, LazyTensor, SafetensorsFile,  # noqa: F401
+from minilora.io.safetensors_file import (Checkpoint, CheckpointError, LazyTensor, SafetensorsFile,  # noqa: F401
                                      _atomic_write, load_safetensors, save_safetensors)
 
 if TYPE_CHECKING:
-    from minilora.quant import QuantConfig
+    from minilora.quant.layers import QuantConfig
 
 # Checkpoint tensors every HF architecture recomputes from the config (old checkpoints saved them).
 ALWAYS_IGNORED_KEYS = (r"(^|\.)position_ids$", r"(^|\.)rotary_emb\.inv_freq$", r"(^|\.)inv_freq$")
@@ -161,7 +161,8 @@ def _resolve_quantization(quantize, config_dict: dict, dtype: torch.dtype):
     saved = config_dict.get("quantization_config")
     if quantize is None and saved is None:
         return None, False
-    from minilora import quant, quant_format
+    from minilora.quant import layers as quant
+    from minilora.quant import format as quant_format
 
     requested = quant.resolve_quant_config(quantize, dtype)
     if saved is None:
@@ -300,7 +301,8 @@ def _quantized_paths(model: nn.Module, qconfig, prequantized: bool, mapping: dic
     """Linear layers to load quantized: the checkpoint's packed ones, else those `quantize` selects."""
     if qconfig is None:
         return set()
-    from minilora import quant, quant_format
+    from minilora.quant import layers as quant
+    from minilora.quant import format as quant_format
 
     if not prequantized:
         modules = dict(model.named_modules())
@@ -340,7 +342,8 @@ def _check_keys(model: nn.Module, checkpoint: Checkpoint, state: dict, mapping: 
 
 def _load_quantized(module: nn.Linear, path: str, mapping: dict[str, str], checkpoint: Checkpoint, qconfig,
                     prequantized: bool, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    from minilora import quant, quant_format
+    from minilora.quant import layers as quant
+    from minilora.quant import format as quant_format
 
     prefix = path + "."
     if prequantized:  # packed weights + quantization state exactly as save_pretrained wrote them
@@ -466,7 +469,7 @@ def _config_to_save(model: nn.Module) -> dict:
     qconfig = getattr(model, "quant_config", None)
     raw.pop("quantization_config", None)
     if qconfig is not None:
-        from minilora import quant_format
+        from minilora.quant import format as quant_format
 
         raw["quantization_config"] = quant_format.quant_config_to_dict(qconfig, model)
     return raw

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minilora import gemm
+from minilora.ops import gemm
 
 # Logits per cross-entropy chunk. CPU: a 1 MB fp32 buffer that stays in L2 cache. Other devices (GPUs): few,
 # large chunks (a 64 MB buffer), so a batch of logits takes a handful of kernel launches, not hundreds.

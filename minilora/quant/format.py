@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from minilora.quant import Int8Linear, NF4Linear, QuantConfig, _bnb, _frozen, check_blocksize
+from minilora.quant.layers import Int8Linear, NF4Linear, QuantConfig, _bnb, _frozen, check_blocksize
 
 FOUR_BIT_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")  # under "weight."
 

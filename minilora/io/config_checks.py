@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from minilora.checks import type_errors
-from minilora.safetensors_io import Checkpoint, CheckpointError
+from minilora.io.safetensors_file import Checkpoint, CheckpointError
 
 MAX_NUM_LABELS = 100_000  # far above any real classification head; a typo'd 10**9 would build a 10**9-row head
 

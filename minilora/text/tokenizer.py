@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .chat_template import render_builtin_chat, render_chat  # noqa: F401  (re-exported)
-from .checks import check_number
+from minilora.text.chat_template import render_builtin_chat, render_chat  # noqa: F401  (re-exported)
+from minilora.checks import check_number
 
 if TYPE_CHECKING:
     import tokenizers
@@ -36,7 +36,7 @@ _PADDING = {False: None, "do_not_pad": None, True: "longest", "longest": "longes
 
 def load_tokenizer(path_or_hub_id: str | os.PathLike, revision: str | None = None) -> Tokenizer:
     """Load the tokenizer of a local folder or a hub repo id (only the tokenizer files are downloaded)."""
-    from .hub import as_local_dir, snapshot
+    from minilora.io.hub import as_local_dir, snapshot
 
     folder = as_local_dir(path_or_hub_id)
     if folder is None:

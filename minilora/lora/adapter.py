@@ -17,8 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import LoraConfig
-from .inject import _modules_to_save, apply_lora, find_lora_targets, lora_layers
+from minilora.lora.config import LoraConfig
+from minilora.lora.inject import _modules_to_save, apply_lora, find_lora_targets, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -147,7 +147,7 @@ def read_adapter(path_or_id: str | os.PathLike, revision: str | None = None
 def _resolve(path_or_id: str | os.PathLike, revision: str | None) -> Path:
     if Path(path_or_id).is_dir():
         return Path(path_or_id)
-    from .hub import resolve_files  # a hub repo id (the hub client is imported only when needed)
+    from minilora.io.hub import resolve_files  # a hub repo id (the hub client is imported only when needed)
     return resolve_files(str(path_or_id), [CONFIG_NAME, WEIGHTS_NAME], revision=revision)[0].parent
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from minilora.hub import PICKLED_WEIGHT_PATTERNS, pickled_weights_message
+from minilora.io.hub import PICKLED_WEIGHT_PATTERNS, pickled_weights_message
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -33,7 +33,7 @@ DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000
 
 if sys.byteorder != "little":  # safetensors data is little-endian and read without byte swapping
-    raise ImportError("minilora.loading needs a little-endian machine")
+    raise ImportError("minilora.io.load needs a little-endian machine")
 
 
 class CheckpointError(ValueError):

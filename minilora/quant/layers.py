@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minilora import gemm
+from minilora.ops import gemm
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
@@ -257,7 +257,7 @@ class QuantizedLinear(nn.Module):
         if (self.bias is None) != ("bias" not in tensors):
             (missing_keys if self.bias is not None else unexpected_keys).append(prefix + "bias")
             return
-        from minilora.quant_format import load_prequantized_linear
+        from minilora.quant.format import load_prequantized_linear
 
         try:
             loaded = load_prequantized_linear(tensors, self.in_features, self.out_features,

@@ -29,12 +29,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapter import adapter_state_dict, load_adapter, save_adapter
-from .inject import lora_layers
-from .safetensors_io import CheckpointError, SafetensorsFile
+from minilora.lora.adapter import adapter_state_dict, load_adapter, save_adapter
+from minilora.lora.inject import lora_layers
+from minilora.io.safetensors_file import CheckpointError, SafetensorsFile
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from minilora.train.loop import TrainConfig
 
 # Changing these between a checkpoint and its resume would change which examples come next.
 DATA_ORDER_KEYS = ("seed", "shuffle", "batch_size", "gradient_accumulation_steps")

@@ -1,0 +1,1 @@
+"""LoRA: its config, the layer, putting layers into a model, and adapters in peft's format."""

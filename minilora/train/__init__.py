@@ -1,0 +1,1 @@
+"""The training loop, its config, optimizers and schedules, and resumable training checkpoints."""
