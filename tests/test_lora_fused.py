@@ -1,5 +1,5 @@
-"""LoRA layers whose frozen bases run inside one autograd node (lora._LoraLinearFn) equal the plain path:
-base layer called on its own, LoRA update added by _LoraUpdate, gradients summed by autograd."""
+"""LoRA layers whose frozen bases run inside the fused op (minilora.ops.lora_update) equal the path where the
+base layer is called on its own and the op adds the update to its output, gradients summed by autograd."""
 import copy
 
 import pytest
@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from minilora.lora import layer as lora
+from minilora.ops import lora_update
+from minilora.ops.linear_group import linear_group
 from minilora.lora.layer import LoraLinear
 from minilora.quant.layers import QuantConfig, quantize_linear
 
@@ -27,19 +29,21 @@ def group(dtype, quantized, p, shapes=((64, 4, False), (32, 2, False), (32, 4, T
 def run(layers, x, grads, fused, monkeypatch, grouped=True):
     """Outputs, x.grad and LoRA grads, the fused path on or off; counts the fused calls."""
     calls = []
-    original = lora._LoraLinearFn.forward
+    original = lora_update._LoraUpdate.forward
 
     def counting(ctx, *args):
-        calls.append(len(args[2]))
+        inside = sum(weight is not None for weight in args[2])  # bases computed inside the op
+        if inside:
+            calls.append(inside)
         return original(ctx, *args)
 
     with monkeypatch.context() as m:
-        m.setattr(lora._LoraLinearFn, "forward", staticmethod(counting))
+        m.setattr(lora_update._LoraUpdate, "forward", staticmethod(counting))
         if not fused:
-            m.setattr(lora, "_runs_inside", lambda base, x: False)
+            m.setattr(lora, "runs_inside", lambda base, x: False)
         x = x.detach().clone().requires_grad_()
         torch.manual_seed(1)
-        outs = lora.shared_input(x, *layers) if grouped else [layer(x) for layer in layers]
+        outs = linear_group(x, *layers) if grouped else [layer(x) for layer in layers]
         torch.autograd.backward(outs, grads)
     lora_grads = [getattr(layer, name).weight.grad for layer in layers for name in ("lora_A", "lora_B")]
     return outs, x.grad, lora_grads, calls
@@ -65,7 +69,7 @@ def test_fused_bases_equal_the_plain_path(monkeypatch, quantized, dtype, p, grou
 def test_frozen_input_gets_no_gradient_and_factors_still_do(monkeypatch):
     layers = group(torch.float32, False, 0.1)
     x = torch.randn(2, 64)  # e.g. the first layer's input: embeddings are frozen
-    outs = lora.shared_input(x, *layers)
+    outs = linear_group(x, *layers)
     sum(o.sum() for o in outs).backward()
     assert x.grad is None and all(layer.lora_A.weight.grad is not None for layer in layers)
 
@@ -82,10 +86,10 @@ def test_what_cannot_run_inside_takes_the_plain_path(monkeypatch, why):
         layers[1].base_layer.register_forward_hook(lambda *_: None)
     elif why == "other dtype":
         x = x.double()
-    assert lora._runs_inside(layers[0].base_layer, x) == (why not in ("trainable weight", "other dtype"))
+    assert lora.runs_inside(layers[0].base_layer, x) == (why not in ("trainable weight", "other dtype"))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=why == "autocast"):
-        runs_inside = [lora._runs_inside(layer.base_layer, x) for layer in layers]
-        outs = lora.shared_input(x, *layers) if why != "other dtype" else None
+        runs_inside = [lora.runs_inside(layer.base_layer, x) for layer in layers]
+        outs = linear_group(x, *layers) if why != "other dtype" else None
     assert not all(runs_inside)
     if outs is not None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=why == "autocast"):

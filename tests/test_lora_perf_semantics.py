@@ -12,9 +12,11 @@ from torch import nn
 
 import minilora as ml
 from minilora.ops import fused
-from minilora.lora import layer as lora
+from minilora.ops import dropout, lora_update
 from minilora.models.gradient_checkpointing import enable_gradient_checkpointing
-from minilora.lora.layer import LoraLinear, dropout_keep_mask
+from minilora.lora.layer import LoraLinear
+from minilora.ops.dropout import dropout_keep_mask
+from minilora.ops.linear_group import linear_group
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -115,7 +117,7 @@ def test_shared_input_equals_calling_each_layer(p):
     x = torch.randn(3, 5, 12, requires_grad=True)
     x_twin = x.detach().clone().requires_grad_()
     torch.manual_seed(1)
-    grouped = lora.shared_input(x, *layers)
+    grouped = linear_group(x, *layers)
     torch.manual_seed(1)
     separate = [layer(x_twin) for layer in twins]  # the same mask: they share it too
     grads = [torch.randn(t.shape) for t in separate]
@@ -135,18 +137,18 @@ def test_shared_input_calls_what_it_cannot_group(monkeypatch):
     layers[1].merge()
     calls = []
     layers[2].register_forward_hook(lambda *_: calls.append("hook"))
-    grouped_calls, update = [], lora._LoraUpdate
+    grouped_calls, update = [], lora_update._LoraUpdate
 
     class Counting(update):
         @staticmethod
-        def forward(ctx, h, scalings, *tensors):
+        def forward(ctx, x, keep, frozen, biases, scalings, *tensors):
             grouped_calls.append(len(scalings))
-            return update.forward(ctx, h, scalings, *tensors)
+            return update.forward(ctx, x, keep, frozen, biases, scalings, *tensors)
 
-    monkeypatch.setattr(lora, "_LoraUpdate", Counting)
+    monkeypatch.setattr(lora_update, "_LoraUpdate", Counting)
     layers.append(LoraLinear(nn.Linear(8, 8), r=2, lora_alpha=4, init_lora_weights=False))
     x = torch.randn(2, 8)
-    outs = lora.shared_input(x, *layers)
+    outs = linear_group(x, *layers)
     assert calls == ["hook"] and grouped_calls == [2, 1]  # layers 3 and 4 as one; the hooked one alone
     for layer, out in zip(layers, outs, strict=True):
         torch.testing.assert_close(out, layer(x))
@@ -159,7 +161,7 @@ def test_llama_draws_one_mask_per_distinct_input(monkeypatch, tmp_path):
         calls.append(tuple(x.shape))
         return dropout_keep_mask(x, p)
 
-    monkeypatch.setattr(lora, "dropout_keep_mask", counting)
+    monkeypatch.setattr(dropout, "dropout_keep_mask", counting)
     _, model = tiny_pair(tmp_path)
     model = ml.apply_lora(model, ml.LoraConfig(r=4, target_modules=TARGETS, lora_dropout=0.1)).train()
     ids = torch.randint(3, 96, (2, 7))

@@ -14,6 +14,7 @@ from torch import nn
 from minilora.models.gradient_checkpointing import run_block
 from minilora.models.inputs import checked_token_ids
 from minilora.models.outputs import ModelOutput
+from minilora.ops.linear_group import linear_group
 
 ACTIVATIONS = {
     "gelu": F.gelu,  # BERT's default: the exact erf form
@@ -145,9 +146,9 @@ class BertSelfAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(
-            heads(self.query(x)), heads(self.key(x)), heads(self.value(x)), attn_mask=mask_bias,
-            dropout_p=self.dropout_p if self.training else 0.0)
+        q, k, v = (heads(t) for t in linear_group(x, self.query, self.key, self.value))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias,
+                                             dropout_p=self.dropout_p if self.training else 0.0)
         return out.transpose(1, 2).reshape(batch, seq_len, -1)
 
 

@@ -12,7 +12,7 @@ and scaled embeddings, norms around the attention and MLP outputs, soft-capped l
 with their own RoPE base, partial rotary dimensions, and Phi-3's fused `qkv_proj` / `gate_up_proj`.
 
 Training-speed details live elsewhere: norm, rope, attention (on CPU, with grad) and the loss use the
-hand-written backward passes of `minilora.ops.fused`; `shared_input` runs the LoRA branches of q/k/v and of
+hand-written backward passes of `minilora.ops.fused`; `linear_group` runs the LoRA branches of q/k/v and of
 gate/up together.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import nn
 from minilora.ops import fused
 from minilora.ops import gemm
 from minilora.models.gradient_checkpointing import run_block
-from minilora.lora.layer import shared_input
+from minilora.ops.linear_group import linear_group
 from minilora.models.inputs import checked_token_ids
 from minilora.models.masks import restrict_to_documents
 from minilora.models.outputs import ModelOutput
@@ -300,7 +300,7 @@ class LlamaAttention(nn.Module):
             kv_size = self.num_kv_heads * self.head_dim
             q, k, v = gemm.apply_linear(self.qkv_proj, x).split((self.num_heads * self.head_dim, kv_size, kv_size), -1)
         else:
-            q, k, v = shared_input(x, self.q_proj, self.k_proj, self.v_proj)
+            q, k, v = linear_group(x, self.q_proj, self.k_proj, self.v_proj)
         q, k, v = (t.view(batch, seq, -1, self.head_dim) for t in (q, k, v))
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
@@ -350,7 +350,7 @@ class LlamaMLP(nn.Module):
         if hasattr(self, "gate_up_proj"):
             gate, up = gemm.apply_linear(self.gate_up_proj, x).chunk(2, dim=-1)
         else:
-            gate, up = shared_input(x, self.gate_proj, self.up_proj)
+            gate, up = linear_group(x, self.gate_proj, self.up_proj)
         return gemm.apply_linear(self.down_proj, self.act(gate) * up)
 
 

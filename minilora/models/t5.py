@@ -24,6 +24,7 @@ from minilora.ops import gemm
 from minilora.models.gradient_checkpointing import run_block
 from minilora.models.inputs import checked_token_ids
 from minilora.models.outputs import ModelOutput
+from minilora.ops.linear_group import linear_group
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -161,7 +162,8 @@ class T5DenseGatedActDense(nn.Module):
         self.act = ACTIVATIONS[config.dense_act_fn]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.wo(self.dropout(self.act(self.wi_0(x)) * self.wi_1(x)))
+        gate, up = linear_group(x, self.wi_0, self.wi_1)
+        return self.wo(self.dropout(self.act(gate) * up))
 
 
 class T5Attention(nn.Module):
@@ -195,14 +197,14 @@ class T5Attention(nn.Module):
         """Self-attention (key_value_states None; past_kv is extended) or cross-attention (past_kv, when
         given, is reused as is). Returns (output, (k, v)) so the caller can cache k/v."""
         if key_value_states is None:
-            k, v = self.heads(self.k(x)), self.heads(self.v(x))
+            q, k, v = (self.heads(t) for t in linear_group(x, self.q, self.k, self.v))
             if past_kv is not None:
                 k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
-        elif past_kv is not None:
-            k, v = past_kv
         else:
-            k, v = self.heads(self.k(key_value_states)), self.heads(self.v(key_value_states))
-        out = F.scaled_dot_product_attention(self.heads(self.q(x)), k, v, attn_mask=bias, scale=1.0,
+            k, v = past_kv if past_kv is not None else (
+                self.heads(t) for t in linear_group(key_value_states, self.k, self.v))
+            q = self.heads(self.q(x))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0,
                                              dropout_p=self.dropout_p if self.training else 0.0)
         return self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)), (k, v)
 

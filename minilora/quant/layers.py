@@ -277,6 +277,11 @@ class QuantizedLinear(nn.Module):
                 f"quant_type={self.quant_type}, compute_dtype={self.compute_dtype}")
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """Whether `module` is one of minilora's quantized linear layers (NF4 / FP4 / int8)."""
+    return isinstance(module, QuantizedLinear)
+
+
 class NF4Linear(QuantizedLinear):
     """A frozen linear layer stored in 4 bits (NF4, or FP4 when `quant_type == "fp4"`).
 
