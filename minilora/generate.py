@@ -5,7 +5,7 @@ Works with any minilora model that follows the generation contract:
 - encoder-decoder (`is_encoder_decoder = True`): `model.encode(input_ids, attention_mask)` once, then
   `model(attention_mask=, decoder_input_ids=, encoder_outputs=, past_key_values=, use_cache=True)`;
 - both: `model.reorder_cache(past_key_values, beam_idx)` for beam search;
-- optional `model.stale_cache_length`: once a sequence grows past it, the cache is recomputed once from all
+- `model.stale_cache_length`: once a sequence grows past it, the cache is recomputed once from all
   tokens (longrope RoPE re-encodes every position with its long factors there, as transformers' Phi-3 does).
 Token choices follow Hugging Face's `generate` so outputs match it token for token.
 """
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilora.checks import check_number
+from minilora.models.base import PreTrainedModel
 
 NEG_INF = -1.0e9  # HF's "impossible" beam score; kept identical so ties break the same way
 
@@ -26,7 +27,7 @@ class _Decoder:
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  num_beams: int):
         self.model, self.cache = model, None
-        self.seq2seq = getattr(model, "is_encoder_decoder", False)
+        self.seq2seq = model.is_encoder_decoder
         if self.seq2seq:
             # Encode once per prompt, then give every beam its own copy, like HF.
             self.encoder_out = model.encode(input_ids, attention_mask=attention_mask).repeat_interleave(num_beams, 0)
@@ -50,7 +51,7 @@ class _Decoder:
                 self.ids = torch.cat((self.ids, tokens), dim=-1)
                 if self.mask is not None:
                     self.mask = torch.cat((self.mask, self.mask.new_ones(tokens.shape)), dim=-1)
-                stale = getattr(self.model, "stale_cache_length", None)
+                stale = self.model.stale_cache_length
                 if stale is not None and self.ids.shape[1] > stale >= self.ids.shape[1] - tokens.shape[1]:
                     self.cache, tokens = None, self.ids  # positions re-encoded from here on: recompute the cache
             positions = None  # no padding: the model counts positions from the cache length
@@ -107,7 +108,9 @@ def generate(
         pad_token_id = getattr(model.config, "pad_token_id", None)
     if pad_token_id is None and eos is not None:
         pad_token_id = int(eos[0])
-    if attention_mask is not None and not getattr(model, "is_encoder_decoder", False):
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"generate needs a minilora model (ml.from_pretrained), got {type(model).__name__}")
+    if attention_mask is not None and not model.is_encoder_decoder:
         if not attention_mask[:, -1].all():
             raise ValueError("attention_mask: a prompt ends with padding; decoder-only generation needs "
                              "left padding (tokenizer padding_side='left')")

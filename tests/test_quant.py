@@ -9,6 +9,7 @@ from torch import nn
 
 from minilora.quant import layers as quant
 from minilora.quant import format as quant_format
+from minilora.models.base import PreTrainedModel
 from minilora.quant.layers import QuantConfig
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -346,7 +347,7 @@ def test_quant_config_from_dict_rejects_what_it_cannot_load():
     assert quant_format.quant_config_from_dict({"load_in_4bit": True, "bnb_4bit_blocksize": 128}).blocksize == 128
 
 
-class _Head(nn.Module):
+class _Head(PreTrainedModel):
     def __init__(self):
         super().__init__()
         self.proj = nn.Linear(4, 4)

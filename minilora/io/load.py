@@ -28,6 +28,7 @@ from minilora.device import resolve_device
 from minilora.io.hub import resolve_model_dir
 from minilora.io.config_checks import MAX_NUM_LABELS
 from minilora.models import FAMILIES, model_classes
+from minilora.models.base import PreTrainedModel
 from minilora.io.safetensors_file import (Checkpoint, CheckpointError, LazyTensor, SafetensorsFile,  # noqa: F401
                                      _atomic_write, load_safetensors, save_safetensors)
 
@@ -225,7 +226,7 @@ def _load_weights(model: nn.Module, checkpoint: Checkpoint, config_dict: dict, d
     tied = set(model.tied_weight_keys())
     missing = [k for k in state if k not in mapping and k not in tied and not k.startswith(packed)]
     # New task heads, and modules transformers would initialise too when a checkpoint lacks them (a pooler).
-    fresh = [re.compile(p) for p in getattr(model, "init_if_missing", ())]
+    fresh = [re.compile(p) for p in model.init_if_missing]
     new_head = [k for k in missing if k.startswith(tuple(model.new_head_prefixes)) or any(p.search(k) for p in fresh)]
     _check_keys(model, checkpoint, state, mapping, [k for k in missing if k not in new_head], unexpected, packed)
     load_checks.check_dtypes(state, mapping, checkpoint, packed)
@@ -416,7 +417,7 @@ def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     unset = [k for k, t in state.items() if t.is_meta]
     if unset:
         raise ValueError(f"cannot save tensors that were never materialised (meta): {_names(unset)}")
-    tied = set(model.tied_weight_keys()) if hasattr(model, "tied_weight_keys") else set()
+    tied = set(model.tied_weight_keys()) if isinstance(model, PreTrainedModel) else set()
     kept = {t.untyped_storage().data_ptr() for k, t in state.items() if k not in tied}
     # A tied tensor is dropped only when it really shares memory with one that is written.
     return {k: t for k, t in state.items() if k not in tied or t.untyped_storage().data_ptr() not in kept}

@@ -8,6 +8,8 @@ from torch import nn
 
 from minilora.lora.config import LoraConfig
 from minilora.lora.layer import LoraLinear, dense_linear
+from minilora.models.base import model_type_of, output_head_paths
+from minilora.quant.layers import is_quantized
 
 # target_modules=None picks what peft picks for these model types (peft has no default for phi3).
 DEFAULT_TARGETS = {"bert": ["query", "value"], "t5": ["q", "v"], "roberta": ["query", "value"],
@@ -17,11 +19,8 @@ DEFAULT_TARGETS = {"bert": ["query", "value"], "t5": ["q", "v"], "roberta": ["qu
 
 
 def is_linear(module: nn.Module) -> bool:
-    """nn.Linear or a quantized stand-in (anything exposing in/out features and a dense weight)."""
-    if isinstance(module, LoraLinear):
-        return False
-    return isinstance(module, nn.Linear) or (
-        hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "dequantize"))
+    """nn.Linear or a quantized linear layer (not a LoRA layer: that one is already wrapped)."""
+    return isinstance(module, nn.Linear) or is_quantized(module)
 
 
 def name_matches(path: str, pattern: list[str] | str) -> bool:
@@ -31,33 +30,18 @@ def name_matches(path: str, pattern: list[str] | str) -> bool:
     return any(path == p or path.endswith("." + p) for p in pattern)
 
 
-def _output_heads(model: nn.Module) -> set[str]:
-    """Paths of the modules "all-linear" leaves alone: the LM head and task heads (classifier, qa_outputs),
-    with the layers inside a head module (RoBERTa's classifier.dense / classifier.out_proj)."""
-    heads = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    for path, module in model.named_modules():
-        if module is out and out is not None:
-            heads.add(path)
-        if any((path + ".").startswith(p) or path == p for p in getattr(model, "new_head_prefixes", ())):
-            heads.add(path)
-    return heads
-
-
 def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Module paths that `config` puts LoRA on; raises naming real paths when nothing matches."""
     targets = config.target_modules
     if targets is None:
-        model_config = getattr(model, "config", None)
-        model_type = getattr(model_config, "raw", {}).get("model_type") or getattr(model_config, "model_type", None)
+        model_type = model_type_of(model)
         if model_type not in DEFAULT_TARGETS:
             raise ValueError("LoraConfig.target_modules is None and there is no default for model type "
                              f"{model_type!r}: pass a list of module names, a regex or 'all-linear'")
         targets = DEFAULT_TARGETS[model_type]
     saved = set(_modules_to_save(model, config))
     if targets == "all-linear":
-        skip = _output_heads(model) | saved
+        skip = output_head_paths(model) | saved
         found = [p for p, m in model.named_modules() if is_linear(m) and p not in skip]
     else:
         found = [p for p, m in model.named_modules() if p and name_matches(p, targets)]

@@ -12,18 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilora.models.gradient_checkpointing import run_block
+from minilora.models.base import ACTIVATIONS, PreTrainedModel, padding_mask_to_bias
 from minilora.models.inputs import checked_token_ids
 from minilora.models.outputs import ModelOutput
 from minilora.ops.linear_group import linear_group
-
-ACTIVATIONS = {
-    "gelu": F.gelu,  # BERT's default: the exact erf form
-    "relu": F.relu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "silu": F.silu,
-    "swish": F.silu,
-}
 
 # Checkpoint keys every BERT class drops silently: pre-training heads (`cls.*`, e.g. bert-base-uncased) and the
 # position_ids / token_type_ids buffers older transformers versions saved (all-MiniLM-L6-v2 has them).
@@ -89,17 +81,6 @@ class BertModelOutput(ModelOutput):
     """`ModelOutput` plus BERT's pooled output: tanh(dense(hidden state of the first token))."""
 
     pooler_output: torch.Tensor | None = None
-
-
-def padding_mask_to_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """(batch, seq) 1 = keep / 0 = pad  ->  additive (batch, 1, 1, seq) bias for SDPA (0 or dtype's min)."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must have shape (batch, seq_len), got {tuple(attention_mask.shape)}")
-    # finfo.min instead of -inf: a fully padded row then softmaxes to uniform instead of NaN.
-    keep = attention_mask[:, None, None, :].to(torch.bool)
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
 
 
 class BertEmbeddings(nn.Module):
@@ -231,11 +212,10 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(hidden_states[:, 0]))
 
 
-class BertPreTrainedModel(nn.Module):
+class BertPreTrainedModel(PreTrainedModel):
     """What every BERT class shares: config handling, init, and the loader's hooks."""
 
     base_model_prefix = "bert"  # the encoder's attribute in task models, and its checkpoint key prefix
-    new_head_prefixes: tuple[str, ...] = ()
     ignore_unexpected_keys: tuple[str, ...] = _IGNORED_KEYS
     # Like transformers, a missing pooler is initialised afresh (with a warning) instead of failing the load:
     # *ForMaskedLM checkpoints (e.g. roberta-base) have none. Unlike a task head it stays an ordinary layer.
@@ -245,18 +225,6 @@ class BertPreTrainedModel(nn.Module):
     def base_model(self) -> nn.Module:
         """The bare encoder (the model itself for a `BertModel`)."""
         return getattr(self, self.base_model_prefix, self)
-
-    def tied_weight_keys(self) -> list[str]:
-        return []
-
-    def tie_weights(self) -> None:
-        """BERT's encoder-only classes tie nothing."""
-
-    def get_output_embeddings(self) -> nn.Module | None:
-        return None
-
-    def init_non_persistent_buffers(self, device: torch.device | str | None = None) -> None:
-        """BERT has no computed buffers (position ids are built per call)."""
 
     @torch.no_grad()
     def init_weights(self, module: nn.Module) -> None:

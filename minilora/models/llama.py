@@ -29,6 +29,7 @@ from minilora.ops import fused
 from minilora.ops import gemm
 from minilora.models.gradient_checkpointing import run_block
 from minilora.ops.linear_group import linear_group
+from minilora.models.base import PreTrainedModel
 from minilora.models.inputs import checked_token_ids
 from minilora.models.masks import restrict_to_documents
 from minilora.models.outputs import ModelOutput
@@ -447,12 +448,10 @@ class LlamaModel(nn.Module):
         return self.norm(x), (new_cache if use_cache else None)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(PreTrainedModel):
     """Llama language model: `model` (the decoder stack) + `lm_head`, optionally tied to the embeddings."""
 
     base_model_prefix = "model"
-    is_encoder_decoder = False
-    new_head_prefixes: tuple[str, ...] = ()
     ignore_unexpected_keys: tuple[str, ...] = (r".*rotary_emb\.inv_freq",)  # saved by old checkpoints
 
     def __init__(self, config: LlamaConfig):
@@ -495,8 +494,7 @@ class LlamaForCausalLM(nn.Module):
         scaling = self.config.rope_scaling
         return scaling["original_max_position_embeddings"] if scaling and scaling["rope_type"] == "longrope" else None
 
-    @staticmethod
-    def reorder_cache(past_key_values: KVCache, beam_idx: torch.Tensor) -> KVCache:
+    def reorder_cache(self, past_key_values: KVCache, beam_idx: torch.Tensor) -> KVCache:
         """Select batch rows of the cache (beam search keeps the cache of the beams it continues)."""
         return [(k.index_select(0, beam_idx.to(k.device)), v.index_select(0, beam_idx.to(v.device)))
                 for k, v in past_key_values]

@@ -22,18 +22,10 @@ from torch import nn
 
 from minilora.ops import gemm
 from minilora.models.gradient_checkpointing import run_block
+from minilora.models.base import ACTIVATIONS, PreTrainedModel, padding_mask_to_bias
 from minilora.models.inputs import checked_token_ids
 from minilora.models.outputs import ModelOutput
 from minilora.ops.linear_group import linear_group
-
-ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),  # what HF's "gated-gelu" (T5 v1.1, Flan) means
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "silu": F.silu,
-    "swish": F.silu,
-}
 
 DecoderCache = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -112,14 +104,6 @@ def relative_position_bucket(relative_position: torch.Tensor, bidirectional: boo
     log_ratio = torch.log(distance.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
     large = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
     return buckets + torch.where(distance < max_exact, distance, large)
-
-
-def padding_mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """(batch, len) 1 = keep / 0 = pad  ->  additive (batch, 1, 1, len) bias (0 or dtype's min)."""
-    if mask is None:
-        return None
-    keep = mask[:, None, None, :].to(torch.bool)
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
 
 
 class T5LayerNorm(nn.Module):
@@ -322,12 +306,11 @@ class T5Stack(nn.Module):
         return x, (cache if use_cache else None)
 
 
-class T5ForConditionalGeneration(nn.Module):
+class T5ForConditionalGeneration(PreTrainedModel):
     """T5 with its LM head. `forward` follows HF's argument names; `encode` runs only the encoder."""
 
     is_encoder_decoder = True
     base_model_prefix = "transformer"
-    new_head_prefixes: tuple[str, ...] = ()
     # HF's own list: old checkpoints carry an unused relative bias in the first cross-attention.
     ignore_unexpected_keys: tuple[str, ...] = (
         r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$",)
@@ -439,8 +422,7 @@ class T5ForConditionalGeneration(nn.Module):
         return ModelOutput(loss=loss, logits=logits, last_hidden_state=hidden,
                            encoder_last_hidden_state=encoder_outputs, past_key_values=cache)
 
-    @staticmethod
-    def reorder_cache(past_key_values: DecoderCache, beam_idx: torch.Tensor) -> DecoderCache:
+    def reorder_cache(self, past_key_values: DecoderCache, beam_idx: torch.Tensor) -> DecoderCache:
         """Select the cache rows of the surviving beams (batch dimension 0 of every tensor)."""
         return [tuple(t.index_select(0, beam_idx.to(t.device)) for t in layer) for layer in past_key_values]
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from minilora.models.base import PreTrainedModel, output_head_paths
 from minilora.ops import gemm
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
@@ -154,30 +155,23 @@ def _matches(path: str, patterns: Iterable[str]) -> bool:
         raise ValueError(f"QuantConfig.skip_modules has an invalid pattern: {e}") from None
 
 
-def _always_dense(path: str, module: nn.Module, model: nn.Module) -> bool:
+def _always_dense(path: str, model: nn.Module) -> bool:
     """Freshly initialised task heads, a head tied to the embeddings, and the model type's keep-dense modules."""
-    if any((path + ".").startswith(p) for p in getattr(model, "new_head_prefixes", ())):
+    if not isinstance(model, PreTrainedModel):
+        return False
+    if any((path + ".").startswith(p) for p in model.new_head_prefixes) or path + ".weight" in model.tied_weight_keys():
         return True
-    tied = getattr(model, "tied_weight_keys", None)
-    if callable(tied) and path + ".weight" in tied():
-        return True
-    model_type = getattr(getattr(model, "config", None), "raw", {}).get("model_type")
-    return _matches(path, KEEP_DENSE_BY_MODEL_TYPE.get(model_type, ()))
-
-
-def _is_output_head(module: nn.Module, model: nn.Module) -> bool:
-    get_head = getattr(model, "get_output_embeddings", None)
-    return callable(get_head) and module is get_head()
+    return _matches(path, KEEP_DENSE_BY_MODEL_TYPE.get(model.model_type, ()))
 
 
 def should_quantize(path: str, module: nn.Module, qconfig: QuantConfig, model: nn.Module) -> bool:
     """True for an `nn.Linear` at `path` in `model` that `qconfig` quantizes: all but new task heads, tied
     heads and the model type's keep-dense modules, less `skip_modules`, or less the output head when
     `skip_modules` is None (transformers' rule: a skip list replaces the default one)."""
-    if not isinstance(module, nn.Linear) or _always_dense(path, module, model):
+    if not isinstance(module, nn.Linear) or _always_dense(path, model):
         return False
     if qconfig.skip_modules is None:
-        return not _is_output_head(module, model)
+        return path not in output_head_paths(model)
     return not _matches(path, qconfig.skip_modules)
 
 

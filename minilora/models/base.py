@@ -1,0 +1,111 @@
+"""The model interface, written down once, and what the architectures share.
+
+Loading, quantization, LoRA injection and generation talk to a model only through `PreTrainedModel`'s
+attributes and methods below; every model class minilora builds implements them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PreTrainedModel(nn.Module):
+    """Base class of every model `from_pretrained` builds (a task model: `LlamaForCausalLM`, `BertModel`, ...).
+
+    Class attributes:
+        base_model_prefix: the attribute holding the backbone in task models ("model", "bert", "transformer"),
+            which is also the key prefix of its tensors: a bare backbone checkpoint loads into a task class
+            and back.
+        is_encoder_decoder: generation encodes once (`encode`) and decodes with `decoder_input_ids`.
+        new_head_prefixes: key prefixes of task heads a checkpoint may lack (the loader initialises them with
+            `init_weights` and a warning); quantization and `target_modules="all-linear"` leave them dense.
+        ignore_unexpected_keys: regexes of checkpoint keys dropped silently (buffers old checkpoints saved,
+            heads of other task classes).
+        init_if_missing: regexes of keys a checkpoint may lack that are initialised afresh with a warning but,
+            unlike task heads, stay ordinary layers (BERT's pooler, absent from masked-LM checkpoints).
+    Instance attribute `config`: the family's config dataclass; `config.raw` is the config.json dict.
+    """
+
+    base_model_prefix: str = ""
+    is_encoder_decoder: bool = False
+    new_head_prefixes: tuple[str, ...] = ()
+    ignore_unexpected_keys: tuple[str, ...] = ()
+    init_if_missing: tuple[str, ...] = ()
+    config: Any = None
+
+    @property
+    def model_type(self) -> str | None:
+        """config.json's `model_type` ("llama", "bert", ...)."""
+        return None if self.config is None else self.config.raw.get("model_type")
+
+    def tied_weight_keys(self) -> list[str]:
+        """State-dict keys that share another key's tensor (a tied output head): saved once, loaded once."""
+        return []
+
+    def tie_weights(self) -> None:
+        """Make tied parameters one tensor again (after loading replaced one of them)."""
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The output head (LM head, classifier): kept out of "all-linear" and, by default, out of quantization."""
+        return None
+
+    def init_weights(self, module: nn.Module) -> None:
+        """Initialise a freshly created module (a task head the checkpoint lacks) as transformers would."""
+        raise NotImplementedError
+
+    def init_non_persistent_buffers(self, device: torch.device | str) -> None:
+        """(Re)compute buffers that checkpoints do not hold, e.g. rotary frequencies, after loading from meta."""
+
+    @property
+    def stale_cache_length(self) -> int | None:
+        """A sequence length past which keys cached before are stale (Phi-3's longrope switches its rotary
+        factors there): generation recomputes the cache once when it grows past it. None: never."""
+        return None
+
+    def reorder_cache(self, past_key_values: Any, beam_idx: torch.Tensor) -> Any:
+        """Select batch rows of the KV cache: beam search keeps the cache of the beams it continues."""
+        raise NotImplementedError(f"{type(self).__name__} does not generate")
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder-decoder models: the encoder's output, computed once per generation."""
+        raise NotImplementedError(f"{type(self).__name__} is not an encoder-decoder model")
+
+
+def output_head_paths(model: nn.Module) -> set[str]:
+    """Module paths of the output head and of new task heads; empty for a model that is no PreTrainedModel."""
+    if not isinstance(model, PreTrainedModel):
+        return set()
+    head = model.get_output_embeddings()
+    prefixes = tuple(p.rstrip(".") for p in model.new_head_prefixes)
+    return {path for path, module in model.named_modules()  # a head module and the layers inside it
+            if path and ((head is not None and module is head) or path in prefixes
+                         or path.startswith(tuple(p + "." for p in prefixes)))}
+
+
+def model_type_of(model: nn.Module) -> str | None:
+    """config.json's `model_type` of a minilora model; None for any other module."""
+    return model.model_type if isinstance(model, PreTrainedModel) else None
+
+
+# Activation functions by config.json name (`hidden_act`, `dense_act_fn`).
+ACTIVATIONS = {
+    "gelu": F.gelu,  # the exact erf form
+    "relu": F.relu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def padding_mask_to_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(batch, len) 1 = keep / 0 = pad  ->  additive (batch, 1, 1, len) bias (0 or dtype's min)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must have shape (batch, seq_len), got {tuple(attention_mask.shape)}")
+    keep = attention_mask[:, None, None, :].to(torch.bool)
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
