@@ -15,7 +15,8 @@ from minilora.generate import generate
 from minilora.lora.inject import apply_lora, merge_and_unload, merge_lora, trainable_parameters, unmerge_lora
 from minilora.lora.layer import LoraLinear
 from minilora.train.plot import plot_metrics
-from minilora.train.loop import TrainConfig, evaluate, train
+from minilora.train.loop import evaluate, train
+from minilora.train.config import TrainConfig
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,9 @@ from minilora.data.readers import load_records
 from minilora.train.output_lock import LOCK_NAME, OutputDirLocked
 from minilora.train.checkpoints import TrainState, save_checkpoint
 from minilora.io.safetensors_file import CheckpointError
-from minilora.train.loop import TrainConfig, build_optimizer, train
+from minilora.train.loop import train
+from minilora.train.optim import build_optimizer
+from minilora.train.config import TrainConfig
 
 
 def config(out: Path, **kw) -> TrainConfig:

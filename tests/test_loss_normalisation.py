@@ -14,7 +14,8 @@ from train_helpers import VOCAB_SIZE, tiny_lora_llama, variable_length_lm_data
 from train_helpers import main as train_main
 
 from minilora.data import Collator
-from minilora.train.loop import TrainConfig, evaluate, loss_targets, train
+from minilora.train.loop import evaluate, loss_targets, train
+from minilora.train.config import TrainConfig
 
 # AdamW with beta1 = beta2 = 0 and a huge epsilon is SGD: update = lr * g / (|g| + eps) ~ (lr / eps) * g.
 SGD_LIKE = dict(adam_beta1=0.0, adam_beta2=0.0, adam_epsilon=1e3, learning_rate=1e3, weight_decay=0.0,

@@ -90,7 +90,8 @@ def test_training_on_packed_rows_equals_training_on_the_documents(tmp_path):
 
     from train_helpers import tiny_lora_llama
 
-    from minilora.train.loop import TrainConfig, train
+    from minilora.train.loop import train
+    from minilora.train.config import TrainConfig
 
     docs = _documents(6, seed=4)
     unpacked = [{"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)} for ids, labels in docs]

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from train_helpers import TinyClassifier, classification_data, fixed_length_lm_data, tiny_lora_llama
 
 from minilora.train.checkpoints import read_tree, write_tree
-from minilora.train.loop import TrainConfig, train
+from minilora.train.loop import train
+from minilora.train.config import TrainConfig
 
 
 class Killed(Exception):

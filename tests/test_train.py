@@ -13,7 +13,9 @@ import minilora as ml
 from minilora.data import (Collator, causal_lm_dataset, classification_dataset, postprocess_qa_predictions,
                            qa_dataset, seq2seq_dataset)
 from minilora.metrics import accuracy, squad_metrics
-from minilora.train.loop import TrainConfig, build_optimizer, evaluate, lr_factor, train
+from minilora.train.loop import evaluate, train
+from minilora.train.optim import build_optimizer, lr_factor
+from minilora.train.config import TrainConfig
 
 
 def _config(tmp_path, **kw):

@@ -132,7 +132,8 @@ def classification_data(n: int = 32, seed: int = 0, num_labels: int = 3) -> list
 def main(out_dir: str, args_json: str) -> None:
     from safetensors.torch import save_file
 
-    from minilora.train.loop import TrainConfig, train
+    from minilora.train.loop import train
+    from minilora.train.config import TrainConfig
 
     args = json.loads(args_json)
     model = tiny_lora_llama(seed=args.pop("model_seed", 0))

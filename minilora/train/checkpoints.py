@@ -34,7 +34,7 @@ from minilora.lora.inject import lora_layers
 from minilora.io.safetensors_file import CheckpointError, SafetensorsFile
 
 if TYPE_CHECKING:
-    from minilora.train.loop import TrainConfig
+    from minilora.train.config import TrainConfig
 
 # Changing these between a checkpoint and its resume would change which examples come next.
 DATA_ORDER_KEYS = ("seed", "shuffle", "batch_size", "gradient_accumulation_steps")

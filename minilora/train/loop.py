@@ -16,7 +16,6 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,98 +25,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minilora.models.gradient_checkpointing import enable_gradient_checkpointing
-from minilora.checks import check_fields, check_number
 from minilora.data.collate import IGNORE_INDEX, Collator
-from minilora.train.output_lock import output_dir_lock
 from minilora.device import resolve_device
+from minilora.models.gradient_checkpointing import enable_gradient_checkpointing
+from minilora.train.checkpoints import (
+    TrainState,
+    data_fingerprint,
+    find_checkpoint,
+    load_trainable_weights,
+    load_trainer_state,
+    read_tree,
+    remove_unfinished_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+)
+from minilora.train.config import TrainConfig
+from minilora.train.optim import build_optimizer, lr_factor
+from minilora.train.output_lock import output_dir_lock
 from minilora.train.plot import plot_metrics
-from minilora.train.checkpoints import (TrainState, data_fingerprint, find_checkpoint, load_trainable_weights,
-                                        load_trainer_state, read_tree, remove_unfinished_checkpoints, save_checkpoint,
-                                        set_rng_state)
-
-OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
-SCHEDULES = ("constant", "linear", "cosine")
-
-
-@dataclass
-class TrainConfig:
-    """Everything `train` needs besides the model and data. Batch sizes are per process (per GPU)."""
-    output_dir: str = "out"
-    num_epochs: int = 1
-    max_steps: int = -1  # > 0: stop after this many optimizer steps (overrides num_epochs)
-    batch_size: int = 8
-    eval_batch_size: int | None = None  # default: batch_size
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0  # applied to matrices only, never to biases / norms / other 1-D params
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    optim: str = "adamw_torch"  # one of OPTIMIZERS
-    lr_scheduler: str = "linear"  # one of SCHEDULES, all with linear warmup from 0
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0  # used when warmup_steps == 0: ceil(ratio * total steps)
-    max_grad_norm: float | None = 1.0  # None or 0: no clipping (the norm is still logged)
-    bf16: bool = False  # bfloat16 autocast for forward passes
-    fp16: bool = False  # float16 autocast with loss scaling (torch.amp.GradScaler), for GPUs without bf16
-    gradient_checkpointing: bool = False
-    seed: int = 42  # python, numpy, torch and the data order
-    shuffle: bool = True
-    logging_steps: int = 10
-    eval_steps: int | None = None  # None: evaluate at the end only
-    save_steps: int | None = None  # None: no checkpoints
-    save_total_limit: int | None = None  # keep only the newest N checkpoints
-    resume_from: str | None = None  # a checkpoint folder or "latest" (newest in output_dir)
-    progress_bar: bool = True
-    plot: bool = True  # write output_dir/loss.png at the end when matplotlib is installed
-    device: str | None = None  # None: cuda if available, else cpu; a bare cuda is cuda:LOCAL_RANK under torchrun
-    ddp_find_unused_parameters: bool = False
-
-    def __post_init__(self):
-        validate_train_config(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise KeyError(f"TrainConfig has no fields {sorted(unknown)}")
-        return cls(**d)
-
-
-def validate_train_config(config: TrainConfig) -> None:
-    """Every field's type and range, so a bad value fails here and not deep inside torch after output_dir was
-    written. Paths are kept as strings (train_config.json is JSON)."""
-    for name in ("output_dir", "resume_from"):
-        if isinstance(getattr(config, name), os.PathLike):
-            setattr(config, name, os.fspath(getattr(config, name)))
-    if isinstance(config.device, torch.device):
-        config.device = str(config.device)
-    check_fields(config, "TrainConfig")
-    if config.bf16 and config.fp16:
-        raise ValueError("TrainConfig: bf16 and fp16 are exclusive (bf16 needs no loss scaling: prefer it)")
-    if config.optim not in OPTIMIZERS:
-        raise ValueError(f"TrainConfig.optim must be one of {OPTIMIZERS}, got {config.optim!r}")
-    if config.lr_scheduler not in SCHEDULES:
-        raise ValueError(f"TrainConfig.lr_scheduler must be one of {SCHEDULES}, got {config.lr_scheduler!r}")
-    for name in ("num_epochs", "batch_size", "gradient_accumulation_steps", "logging_steps"):
-        check_number(getattr(config, name), f"TrainConfig.{name}", low=1, integer=True)
-    for name in ("eval_steps", "save_steps", "save_total_limit", "eval_batch_size"):
-        check_number(getattr(config, name), f"TrainConfig.{name}", low=1, integer=True, or_none=True)
-    check_number(config.learning_rate, "TrainConfig.learning_rate", low=0, low_open=True)
-    check_number(config.weight_decay, "TrainConfig.weight_decay", low=0)
-    for name in ("adam_beta1", "adam_beta2"):
-        check_number(getattr(config, name), f"TrainConfig.{name}", low=0, high=1, high_open=True)
-    check_number(config.adam_epsilon, "TrainConfig.adam_epsilon", low=0)
-    check_number(config.warmup_steps, "TrainConfig.warmup_steps", low=0, integer=True)
-    check_number(config.warmup_ratio, "TrainConfig.warmup_ratio", low=0, high=1, high_open=True)
-    check_number(config.max_grad_norm, "TrainConfig.max_grad_norm", low=0, or_none=True)
-    check_number(config.seed, "TrainConfig.seed", low=0, high=2**32 - 1, integer=True)  # numpy's seed range
-    if config.device is not None:
-        try:
-            torch.device(config.device)
-        except RuntimeError as e:
-            raise ValueError(f"TrainConfig.device: {config.device!r} is not a torch device ({e})") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -125,39 +50,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Learning-rate multiplier for optimizer step `step` (0-based); the same curves as transformers'
-    get_scheduler: linear warmup from 0, then constant, linear decay to 0, or half-cosine decay to 0."""
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; weight decay on matrices only (not biases, norms, 1-D params)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True): "
-                         "apply LoRA (ml.apply_lora) or unfreeze some parameters")
-    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
-    if config.optim == "adamw_torch":
-        fusable = all(p.is_floating_point() and p.device.type in ("cuda", "cpu") for p in trainable)
-        return torch.optim.AdamW(groups, **kwargs, fused=fusable, foreach=None if fusable else True)
-    import bitsandbytes as bnb
-
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[config.optim]
-    return cls(groups, **kwargs)
 
 
 def _holding_output_dir(train_fn: Callable) -> Callable:
