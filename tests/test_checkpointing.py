@@ -8,7 +8,7 @@ from conftest import real_model_dir, shared_data_dir
 from torch import nn
 
 import minilora as ml
-from minilora.quant import layers as quant
+from minilora import quant
 from minilora.models.gradient_checkpointing import enable_gradient_checkpointing, run_block
 
 

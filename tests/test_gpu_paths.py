@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import minilora as ml
+from minilora.quant import bnb as quant_bnb
+from minilora.quant import layers as quant_layers
 from minilora.device import resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -86,25 +88,25 @@ def test_from_pretrained_loads_on_the_shared_default_device(monkeypatch):
 
 def test_an_old_bitsandbytes_is_refused_at_import_with_the_version_needed(monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
-    from minilora.quant import layers as quant
+    from minilora import quant
 
     monkeypatch.setattr(bnb, "__version__", "0.45.5")
-    quant._bnb.cache_clear()
+    quant.import_bitsandbytes.cache_clear()
     try:
         with pytest.raises(ImportError, match=r"bitsandbytes >= 0\.46.*found 0\.45\.5"):
             quant.quantize_linear(torch.randn(8, 64), None, ml.QuantConfig("nf4"))
     finally:
-        quant._bnb.cache_clear()
+        quant.import_bitsandbytes.cache_clear()
     monkeypatch.setattr(bnb, "__version__", "0.46.0.dev0")
     assert quant.bnb_version() == (0, 46)
-    quant._bnb.cache_clear()
+    quant.import_bitsandbytes.cache_clear()
 
 
 def test_blocksize_32_on_cuda_needs_bitsandbytes_0_49(monkeypatch):
     pytest.importorskip("bitsandbytes")
-    from minilora.quant import layers as quant
+    from minilora import quant
 
-    monkeypatch.setattr(quant, "bnb_version", lambda module=None: (0, 48))
+    monkeypatch.setattr(quant_bnb, "bnb_version", lambda module=None: (0, 48))
     with pytest.raises(ValueError, match=r"QuantConfig.blocksize=32 needs bitsandbytes >= 0\.49 on CUDA"):
         quant.quantize_linear(torch.randn(8, 64), None, ml.QuantConfig("nf4", blocksize=32), device="cuda")
     quant.check_blocksize(64, torch.device("cuda"))  # other sizes and devices pass
@@ -115,7 +117,7 @@ def test_blocksize_32_on_cuda_needs_bitsandbytes_0_49(monkeypatch):
     with pytest.raises(ValueError, match=r"QuantConfig.blocksize=32 needs bitsandbytes >= 0\.49"):
         ml.QuantConfig("nf4", blocksize=32)
     assert ml.QuantConfig("int8", blocksize=32).blocksize == 32  # int8 has no blocks
-    monkeypatch.setattr(quant, "bnb_version", lambda module=None: (0, 49))
+    monkeypatch.setattr(quant_bnb, "bnb_version", lambda module=None: (0, 49))
     quant.check_blocksize(32, torch.device("cuda"))
     assert ml.QuantConfig("nf4", blocksize=32).blocksize == 32
 
@@ -137,11 +139,11 @@ def test_4bit_decoding_on_cuda_goes_through_matmul_4bit():
 def bnb_matmul_on_cpu(monkeypatch):
     """The CUDA routing, run on the CPU: bitsandbytes' CPU kernels stand in for the CUDA ones."""
     pytest.importorskip("bitsandbytes")
-    from minilora.quant import layers as quant
+    from minilora import quant
 
-    monkeypatch.setattr(quant, "BNB_MATMUL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(quant_layers, "BNB_MATMUL_DEVICES", ("cuda", "cpu"))
     calls = []
-    bnb = quant._bnb()
+    bnb = quant.import_bitsandbytes()
     for name in ("matmul_4bit", "matmul"):
         real = getattr(bnb, name)
         monkeypatch.setattr(bnb, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
@@ -150,7 +152,7 @@ def bnb_matmul_on_cpu(monkeypatch):
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 def test_the_4bit_decode_route_calls_matmul_4bit_like_linear4bit(bnb_matmul_on_cpu, compute_dtype):
-    from minilora.quant import layers as quant
+    from minilora import quant
 
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(96, 128, generator=g) * 0.05, torch.randn(96, generator=g) * 0.1
@@ -171,7 +173,7 @@ def test_int8_on_cuda_runs_llm_int8_with_the_configured_threshold(bnb_matmul_on_
     """On CUDA the int8 layer is bitsandbytes' Linear8bitLt: LLM.int8 with outlier columns (here run by the
     CPU kernels, which Linear8bitLt runs in eval mode); int8_threshold decides which columns are outliers."""
     bnb = pytest.importorskip("bitsandbytes")
-    from minilora.quant import layers as quant
+    from minilora import quant
 
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(48, 64, generator=g) * 0.05, torch.randn(48, generator=g) * 0.1
@@ -205,7 +207,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_lora_layers_leave_the_cuda_kernels_to_their_quantized_base(bnb_matmul_on_cpu, quant_type):
     """LoRA's fused path computes a quantized base itself by dequantizing; where the base would run a
     bitsandbytes kernel (CUDA decoding, CUDA int8) the base's own forward runs instead, LoRA added after."""
-    from minilora.quant import layers as quant
+    from minilora import quant
 
     g = torch.Generator().manual_seed(0)
     base = quant.quantize_linear(torch.randn(32, 64, generator=g) * 0.05, None,
@@ -274,11 +276,11 @@ def test_checkpoint_tensors_go_to_a_gpu_in_few_pinned_pieces(tmp_path, monkeypat
 
 def test_a_saved_int8_layer_loads_with_the_checkpoints_threshold():
     pytest.importorskip("bitsandbytes")
-    from minilora.quant import layers as quant
+    from minilora import quant
     from minilora.quant import format as quant_format
 
     saved = ml.QuantConfig("int8", int8_threshold=4.0)
     layer = quant.quantize_linear(torch.randn(16, 64), None, saved)
     config = quant_format.quant_config_from_dict(quant_format.quant_config_to_dict(saved))  # config.json
-    again = quant_format.load_prequantized_linear(dict(layer.state_dict()), 64, 16, config)
+    again = quant.load_prequantized_linear(dict(layer.state_dict()), 64, 16, config)
     assert layer.threshold == again.threshold == 4.0 and "threshold=4" in repr(again)

@@ -10,7 +10,8 @@ from minilora.lora import layer as lora
 from minilora.ops import lora_update
 from minilora.ops.linear_group import linear_group
 from minilora.lora.layer import LoraLinear
-from minilora.quant.layers import QuantConfig, quantize_linear
+from minilora.quant.layers import quantize_linear
+from minilora.quant.config import QuantConfig
 
 
 def frozen_linear(in_f, out_f, bias, dtype, quantized):

@@ -10,7 +10,8 @@ from torch import nn
 import minilora as ml
 from minilora.lora.layer import LoraLinear
 from minilora.ops.linear_group import linear_group
-from minilora.quant.layers import QuantConfig, quantize_linear
+from minilora.quant.layers import quantize_linear
+from minilora.quant.config import QuantConfig
 
 SHAPES = ((64, 4, False), (32, 2, False), (32, 4, True))  # (out_features, r, bias): siblings of one input
 

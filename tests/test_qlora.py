@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import minilora as ml
-from minilora.quant import layers as quant
+from minilora import quant
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")

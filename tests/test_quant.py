@@ -7,13 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora.quant import layers as quant
+from minilora import quant
+from minilora.quant import layers as quant_layers
 from minilora.quant import format as quant_format
 from minilora.models.base import PreTrainedModel
-from minilora.quant.layers import QuantConfig
+from minilora.quant.config import QuantConfig
 
 bnb = pytest.importorskip("bitsandbytes")
-bnbF = quant._bnb().functional
+bnbF = quant.import_bitsandbytes().functional
 
 FOUR_BIT = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
 
@@ -87,7 +88,7 @@ def test_4bit_packs_the_same_bytes_and_state_dict_as_bnb_linear4bit(quant_type, 
 def test_quantizing_in_row_chunks_equals_one_bitsandbytes_call(monkeypatch, quant_type, double_quant, shape,
                                                                blocksize):
     """Chunks hold whole blocks (72 columns: 8 rows per 64-weight block step; 13 x 9: a partial last block)."""
-    monkeypatch.setattr(quant, "QUANTIZE_CHUNK_ELEMENTS", 100)  # several chunks per matrix
+    monkeypatch.setattr(quant_layers, "QUANTIZE_CHUNK_ELEMENTS", 100)  # several chunks per matrix
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).bfloat16()
     ours = quant.quantize_linear(w, None, QuantConfig(quant_type, double_quant, blocksize=blocksize))
     packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
@@ -97,7 +98,7 @@ def test_quantizing_in_row_chunks_equals_one_bitsandbytes_call(monkeypatch, quan
 
 
 def test_int8_in_row_chunks_equals_one_bitsandbytes_call(monkeypatch):
-    monkeypatch.setattr(quant, "QUANTIZE_CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(quant_layers, "QUANTIZE_CHUNK_ELEMENTS", 100)
     w, _ = weights(out_f=37, in_f=40)
     layer = quant.quantize_linear(w, None, QuantConfig("int8"))
     int8, scb, _ = bnbF.int8_vectorwise_quant(w.half())
@@ -106,7 +107,7 @@ def test_int8_in_row_chunks_equals_one_bitsandbytes_call(monkeypatch):
 
 def test_quantize_linear_reads_rows_from_a_lazy_weight_and_casts_them(monkeypatch):
     """What loading passes: an object that reads row ranges on demand, quantized in the requested dtype."""
-    monkeypatch.setattr(quant, "QUANTIZE_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(quant_layers, "QUANTIZE_CHUNK_ELEMENTS", 1000)
     w, b = weights(out_f=40, in_f=64)
     reads = []
 
@@ -249,7 +250,7 @@ def test_state_dict_round_trip_through_safetensors_is_bitwise(tmp_path, quant_ty
     layer = quant.quantize_linear(w, b if with_bias else None, qconfig)
     save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, tmp_path / "layer.safetensors")
     tensors = load_file(tmp_path / "layer.safetensors")
-    loaded = quant_format.load_prequantized_linear(tensors, 64, 48, qconfig, "cpu")
+    loaded = quant.load_prequantized_linear(tensors, 64, 48, qconfig, "cpu")
     assert type(loaded) is type(layer) and (loaded.bias is None) == (not with_bias)
     x = inputs()
     assert torch.equal(loaded(x), layer(x))
@@ -267,7 +268,7 @@ def test_state_dict_keeps_working_after_deepcopy():
 
 
 def test_load_prequantized_errors_name_the_key():
-    load = quant_format.load_prequantized_linear
+    load = quant.load_prequantized_linear
     w, b = weights()
     qconfig = QuantConfig(compute_dtype=torch.float32)
     tensors = dict(quant.quantize_linear(w, b, qconfig).state_dict())

@@ -296,7 +296,7 @@ def test_nf4_matches_transformers_bitsandbytes(tmp_path, family, task):
     """Same NF4 weights as transformers + bitsandbytes, told (as minilora's saved config tells it) to keep
     minilora's dense layers dense: the task heads, and nothing else."""
     pytest.importorskip("bitsandbytes")
-    from minilora.quant import layers as quant
+    from minilora import quant
     from minilora.quant import format as quant_format
     hf = hf_model(family, TASKS[task], hidden_size=64, intermediate_size=128, hidden_dropout_prob=0.0,
                   attention_probs_dropout_prob=0.0)

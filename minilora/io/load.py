@@ -28,12 +28,13 @@ from minilora.device import resolve_device
 from minilora.io.hub import resolve_model_dir
 from minilora.io.config_checks import MAX_NUM_LABELS
 from minilora.models import FAMILIES, model_classes
+from minilora.io.atomic import atomic_write
 from minilora.models.base import PreTrainedModel
 from minilora.io.safetensors_file import (Checkpoint, CheckpointError, LazyTensor, SafetensorsFile,  # noqa: F401
-                                     _atomic_write, load_safetensors, save_safetensors)
+                                     load_safetensors, save_safetensors)
 
 if TYPE_CHECKING:
-    from minilora.quant.layers import QuantConfig
+    from minilora.quant.config import QuantConfig
 
 # Checkpoint tensors every HF architecture recomputes from the config (old checkpoints saved them).
 ALWAYS_IGNORED_KEYS = (r"(^|\.)position_ids$", r"(^|\.)rotary_emb\.inv_freq$", r"(^|\.)inv_freq$")
@@ -162,7 +163,7 @@ def _resolve_quantization(quantize, config_dict: dict, dtype: torch.dtype):
     saved = config_dict.get("quantization_config")
     if quantize is None and saved is None:
         return None, False
-    from minilora.quant import layers as quant
+    from minilora import quant
     from minilora.quant import format as quant_format
 
     requested = quant.resolve_quant_config(quantize, dtype)
@@ -302,7 +303,7 @@ def _quantized_paths(model: nn.Module, qconfig, prequantized: bool, mapping: dic
     """Linear layers to load quantized: the checkpoint's packed ones, else those `quantize` selects."""
     if qconfig is None:
         return set()
-    from minilora.quant import layers as quant
+    from minilora import quant
     from minilora.quant import format as quant_format
 
     if not prequantized:
@@ -343,13 +344,12 @@ def _check_keys(model: nn.Module, checkpoint: Checkpoint, state: dict, mapping: 
 
 def _load_quantized(module: nn.Linear, path: str, mapping: dict[str, str], checkpoint: Checkpoint, qconfig,
                     prequantized: bool, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    from minilora.quant import layers as quant
-    from minilora.quant import format as quant_format
+    from minilora import quant
 
     prefix = path + "."
     if prequantized:  # packed weights + quantization state exactly as save_pretrained wrote them
         tensors = {k[len(prefix):]: checkpoint.read(ck) for k, ck in mapping.items() if k.startswith(prefix)}
-        return quant_format.load_prequantized_linear(tensors, module.in_features, module.out_features, qconfig,
+        return quant.load_prequantized_linear(tensors, module.in_features, module.out_features, qconfig,
                                                      device, prefix=prefix)
     # Read and quantized a few rows at a time: the full-precision matrix never exists.
     weight = _lazy_for(checkpoint, mapping[prefix + "weight"], device)
@@ -477,5 +477,5 @@ def _config_to_save(model: nn.Module) -> dict:
 
 
 def _write_json(data: dict, path: Path) -> None:
-    with _atomic_write(path) as f:
-        f.write((json.dumps(data, indent=2, default=str) + "\n").encode())
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")

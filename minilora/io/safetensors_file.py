@@ -16,11 +16,11 @@ import mmap
 import os
 import struct
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from minilora.io.atomic import atomic_write
 from minilora.io.hub import PICKLED_WEIGHT_PATTERNS, pickled_weights_message
 
 SAFETENSORS_DTYPES = {
@@ -295,21 +295,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors writes it
     path = Path(path)
-    with _atomic_write(path) as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for t in tensors.values():
             f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-@contextmanager
-def _atomic_write(path: Path):
-    """`with _atomic_write(path) as f:` writes a temp file beside `path`, renamed over `path` on success."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

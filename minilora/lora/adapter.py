@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -17,8 +16,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from minilora.io.atomic import atomic_write
 from minilora.lora.config import LoraConfig
-from minilora.lora.inject import _modules_to_save, apply_lora, find_lora_targets, lora_layers
+from minilora.lora.inject import apply_lora, find_lora_targets, lora_layers, modules_to_save_paths
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -42,7 +42,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             wanted[f"{path}.bias"] = layer.base_layer.bias
     if config.bias == "all":
         wanted.update({n: p for n, p in model.named_parameters() if n.endswith("bias") and p.is_floating_point()})
-    for path in _modules_to_save(model, config):
+    for path in modules_to_save_paths(model, config):
         wanted.update({f"{path}.{n}": p for n, p in model.get_submodule(path).named_parameters()})
     return {name: t.detach() for name, t in wanted.items()}
 
@@ -81,8 +81,10 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     peft_config = config.to_peft_dict(
         target_modules=targets, task_type=task_type,
         base_model_name_or_path=getattr(model, "name_or_path", None) or config.extra.get("base_model_name_or_path"))
-    _atomic_write(out / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(peft_config, indent=2) + "\n"))
+    with atomic_write(out / WEIGHTS_NAME) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_write(out / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(peft_config, indent=2) + "\n")
     return out
 
 
@@ -91,7 +93,7 @@ def _peft_task_type(model: nn.Module, config: LoraConfig) -> str | None:
     which peft loads as a plain PeftModel with exactly our semantics)."""
     for suffix, (task_type, heads) in _TASK_TYPES.items():
         if type(model).__name__.endswith(suffix):
-            saved = set(_modules_to_save(model, config))
+            saved = set(modules_to_save_paths(model, config))
             present = {p for p, _ in model.named_modules() if p in heads}
             return task_type if present <= saved else None
     return None
@@ -102,17 +104,6 @@ def _compact_targets(paths: list[str], model: nn.Module) -> list[str]:
     leaves = sorted({p.rpartition(".")[2] for p in paths})
     matched = {p for p, _ in model.named_modules() if p.rpartition(".")[2] in leaves}
     return leaves if matched == set(paths) else sorted(paths)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_adapter(path_or_id: str | os.PathLike, revision: str | None = None
@@ -177,7 +168,7 @@ def load_adapter(model: nn.Module, path_or_id: str | os.PathLike, revision: str 
     missing = sorted(k for k in expected if ".lora_" in k and k not in tensors)
     if missing:
         raise ValueError(f"{source} is missing LoRA tensors: {missing[:8]}")
-    saved = tuple(p + "." for p in _modules_to_save(model, config))
+    saved = tuple(p + "." for p in modules_to_save_paths(model, config))
     missing = sorted(k for k in expected if k.startswith(saved) and k not in tensors)
     if missing:
         raise ValueError(f"{source} is missing tensors of modules_to_save={config.modules_to_save}: {missing[:8]} "
@@ -218,6 +209,6 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, targets: set[str],
             shapes[f"{path}.bias"] = params[f"{path}.bias"]
     if config.bias == "all":
         shapes.update({n: s for n, s in params.items() if n.endswith("bias")})
-    for path in _modules_to_save(model, config):
+    for path in modules_to_save_paths(model, config):
         shapes.update({f"{path}.{n}": tuple(p.shape) for n, p in modules[path].named_parameters()})
     return shapes

@@ -39,7 +39,7 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             raise ValueError("LoraConfig.target_modules is None and there is no default for model type "
                              f"{model_type!r}: pass a list of module names, a regex or 'all-linear'")
         targets = DEFAULT_TARGETS[model_type]
-    saved = set(_modules_to_save(model, config))
+    saved = set(modules_to_save_paths(model, config))
     if targets == "all-linear":
         skip = output_head_paths(model) | saved
         found = [p for p, m in model.named_modules() if is_linear(m) and p not in skip]
@@ -64,7 +64,8 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return found
 
 
-def _modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+def modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Module paths `config.modules_to_save` names (trained in full, saved with the adapter)."""
     if not config.modules_to_save:
         return []
     paths = [p for p, _ in model.named_modules() if p and name_matches(p, config.modules_to_save)]
@@ -96,7 +97,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         raise ValueError(f"{type(model).__name__} already has LoRA layers: apply_lora once per model "
                          "(ml.merge_and_unload first to stack a new adapter on a merged one)")
     targets = find_lora_targets(model, config)
-    saved = _modules_to_save(model, config)
+    saved = modules_to_save_paths(model, config)
     modules = dict(model.named_modules())
     wrapped = {p: LoraLinear(modules[p], config.r, config.lora_alpha, config.lora_dropout,
                              config.use_rslora, config.init_lora_weights) for p in targets}

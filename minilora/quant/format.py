@@ -1,5 +1,6 @@
 """How quantized layers are stored: the state-dict tensors bitsandbytes' Linear4bit / Linear8bitLt write
-(rebuilt here into minilora's layers with no re-quantization), and transformers' `quantization_config`
+(read and checked here; `quant.layers.load_prequantized_linear` rebuilds layers from them with no
+re-quantization), and transformers' `quantization_config`
 (BitsAndBytesConfig) JSON in config.json.
 """
 from __future__ import annotations
@@ -10,7 +11,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from minilora.quant.layers import Int8Linear, NF4Linear, QuantConfig, _bnb, _frozen, check_blocksize
+from minilora.quant.config import QuantConfig
+from minilora.quant.bnb import import_bitsandbytes, check_blocksize
 
 FOUR_BIT_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")  # under "weight."
 
@@ -20,31 +22,9 @@ def is_quantized_in_checkpoint(names: Iterable[str]) -> bool:
     return any(n == "SCB" or n.startswith("weight.quant_state.") for n in names)
 
 
-def load_prequantized_linear(tensors: dict[str, torch.Tensor], in_features: int, out_features: int,
-                             qconfig: QuantConfig, device: torch.device | str | None = None,
-                             prefix: str = "") -> nn.Module:
-    """Rebuild a quantized layer from the tensors a quantized model's state_dict wrote under its prefix
-    ("weight", "weight.absmax", ..., "bias" / "weight", "SCB", "weight_format", "bias"); no re-quantization.
-
-    `prefix` (e.g. "model.layers.0.self_attn.q_proj.") only makes error messages name the full keys.
-    """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if qconfig.quant_type == "int8":
-        layer = _load_int8(tensors, in_features, out_features, device, prefix)
-    else:
-        layer = _load_4bit(tensors, in_features, out_features, qconfig.quant_type, device, prefix)
-    if "bias" in tensors:
-        if tensors["bias"].shape != (out_features,):
-            raise ValueError(f"{prefix}bias has shape {tuple(tensors['bias'].shape)}, expected ({out_features},)")
-        layer.bias = _frozen(tensors["bias"].to(device))
-    layer.compute_dtype = qconfig.compute_dtype
-    if isinstance(layer, Int8Linear):
-        layer.threshold = qconfig.int8_threshold
-    return layer
-
-
-def _load_4bit(tensors: dict[str, torch.Tensor], in_features: int, out_features: int, quant_type: str,
-               device: torch.device, prefix: str) -> NF4Linear:
+def read_4bit(tensors: dict[str, torch.Tensor], in_features: int, out_features: int, quant_type: str,
+               device: torch.device, prefix: str):
+    """The `Params4bit` (packed weight + quant state) of a layer's Linear4bit tensors, checked."""
     blob_key = f"weight.quant_state.bitsandbytes__{quant_type}"
     required = ["weight", "weight.absmax", "weight.quant_map", blob_key]
     missing = [prefix + k for k in required if k not in tensors]
@@ -73,8 +53,9 @@ def _load_4bit(tensors: dict[str, torch.Tensor], in_features: int, out_features:
     unknown = sorted(set(stats) - {f"weight.{k}" for k in FOUR_BIT_STATE_KEYS} - {blob_key})
     if unknown:
         raise ValueError(f"unknown 4-bit quant state tensors {[prefix + k for k in unknown]}")
-    param = _bnb().nn.Params4bit.from_prequantized(packed.reshape(-1, 1), stats, requires_grad=False, device=device)
-    return NF4Linear(param)
+    param = import_bitsandbytes().nn.Params4bit.from_prequantized(packed.reshape(-1, 1), stats, requires_grad=False,
+                                                                  device=device)
+    return param
 
 
 def _dense_hint(tensors: dict[str, torch.Tensor]) -> str:
@@ -83,8 +64,9 @@ def _dense_hint(tensors: dict[str, torch.Tensor]) -> str:
     return f" (its weight is a dense {weight.dtype} tensor: the checkpoint stores it unquantized)" if dense else ""
 
 
-def _load_int8(tensors: dict[str, torch.Tensor], in_features: int, out_features: int, device: torch.device,
-               prefix: str) -> Int8Linear:
+def read_int8(tensors: dict[str, torch.Tensor], in_features: int, out_features: int, device: torch.device,
+              prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, SCB row scales) of a layer's Linear8bitLt tensors, checked."""
     missing = [prefix + k for k in ("weight", "SCB") if k not in tensors]
     if missing:
         raise KeyError(f"int8 layer: missing {missing}{_dense_hint(tensors)}; expected what bitsandbytes' Linear8bitLt "
@@ -98,7 +80,7 @@ def _load_int8(tensors: dict[str, torch.Tensor], in_features: int, out_features:
     if "weight_format" in tensors and int(tensors["weight_format"]) != 0:
         raise ValueError(f"{prefix}weight_format is {int(tensors['weight_format'])}: only bitsandbytes' row-major "
                          "layout (0) is supported")
-    return Int8Linear(weight.to(device), scb.to(device))
+    return weight.to(device), scb.to(device)
 
 
 # --------------------------------------------------------------------------------------------------------

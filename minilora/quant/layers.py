@@ -11,169 +11,16 @@ State dicts use the keys bitsandbytes' Linear4bit / Linear8bitLt write (and tran
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import logging
 import math
-import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from minilora.models.base import PreTrainedModel, output_head_paths
 from minilora.ops import gemm
-
-QUANT_TYPES = ("nf4", "fp4", "int8")
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-bit kernels accept
-COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# transformers keeps these modules out of bnb quantization (its `_keep_in_fp32_modules`); minilora does the
-# same so checkpoints stay loadable both ways.
-KEEP_DENSE_BY_MODEL_TYPE = {"t5": ("wo",)}
-
-
-MIN_BITSANDBYTES = (0, 46)  # the first with torch.ops.bitsandbytes.*, which the layers call directly
-MIN_BITSANDBYTES_BLOCKSIZE_32_CUDA = (0, 49)  # CUDA 4-bit kernels take blocksize 32 from 0.49 on
-
-
-@functools.cache
-def _bnb():
-    """bitsandbytes, imported on first use (slow to import; only quantized models need it), version checked."""
-    # On CPUs with AVX512-BF16, bitsandbytes warns at import that an optional inference-only kernel package
-    # is missing. minilora never takes that path (see _FrozenLinearFn), so the warning is noise.
-    cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = cpu_ops_log.level
-    cpu_ops_log.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes
-        import bitsandbytes.functional
-    except ImportError as e:
-        raise ImportError(f"quantized models (QLoRA, int8) need bitsandbytes >= {_dotted(MIN_BITSANDBYTES)}: "
-                          f"pip install 'bitsandbytes>={_dotted(MIN_BITSANDBYTES)}' ({e})") from e
-    finally:
-        cpu_ops_log.setLevel(level)
-    if bnb_version(bitsandbytes) < MIN_BITSANDBYTES:
-        raise ImportError(f"minilora's quantized layers need bitsandbytes >= {_dotted(MIN_BITSANDBYTES)} (they call "
-                          f"torch.ops.bitsandbytes.*), found {bitsandbytes.__version__} at {bitsandbytes.__file__}: "
-                          f"pip install -U 'bitsandbytes>={_dotted(MIN_BITSANDBYTES)}'")
-    # LLM.int8 casts bf16 activations to fp16 to quantize them, and logs so at every call: minilora asks for it.
-    logging.getLogger("bitsandbytes.autograd._functions").addFilter(
-        lambda record: "inputs will be cast from" not in record.getMessage())
-    return bitsandbytes
-
-
-def bnb_version(module=None) -> tuple[int, ...]:
-    """bitsandbytes' (major, minor) version, e.g. (0, 46) for "0.46.1" or "0.46.0.dev0"."""
-    version = (module or _bnb()).__version__
-    match = re.match(r"(\d+)\.(\d+)", version)
-    return (int(match[1]), int(match[2])) if match else (0, 0)
-
-
-def _dotted(version: tuple[int, ...]) -> str:
-    return ".".join(map(str, version))
-
-
-def check_blocksize(blocksize: int, device: torch.device) -> None:
-    """Raise a ValueError naming QuantConfig.blocksize when the installed bitsandbytes cannot use it on `device`."""
-    if blocksize == 32 and device.type == "cuda" and bnb_version() < MIN_BITSANDBYTES_BLOCKSIZE_32_CUDA:
-        needed = _dotted(MIN_BITSANDBYTES_BLOCKSIZE_32_CUDA)
-        raise ValueError(f"QuantConfig.blocksize=32 needs bitsandbytes >= {needed} on CUDA (earlier CUDA kernels "
-                         f"take 64..4096), found {_bnb().__version__}: use blocksize=64 or upgrade bitsandbytes")
-
-
-@dataclass
-class QuantConfig:
-    """How `from_pretrained(..., quantize=...)` quantizes linear layers.
-
-    quant_type: "nf4" (QLoRA's 4-bit NormalFloat), "fp4" or "int8" (LLM.int8's row-wise int8 weights).
-    double_quant / blocksize: 4-bit only: quantize the per-block scales again (~0.37 bit per weight less);
-        weights per scale.
-    compute_dtype: dtype of the matmuls; None means from_pretrained's `dtype`, else the checkpoint's (the
-        rest of the model, and so the layer's output, stays fp32 unless `dtype` is given).
-    skip_modules: linear layers kept dense, as transformers' `llm_int8_skip_modules` (a prefix on a module
-        boundary, a regex, or a suffix). None keeps the output head dense; a list replaces that default, so
-        name the head (["lm_head", ...]) to keep it dense, or pass [] to quantize it too. New task heads, a
-        head tied to the embeddings and T5's `wo` always stay dense.
-    int8_threshold: LLM.int8's outlier threshold, used where the int8 layer runs LLM.int8 (CUDA): input
-        feature columns holding a value beyond it are multiplied in 16 bits, the rest in int8 (0: all int8).
-        On the CPU the int8 layer dequantizes its weight instead and the threshold has no effect (see
-        Int8Linear). Written to config.json as transformers' llm_int8_threshold.
-    """
-
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    compute_dtype: torch.dtype | None = None
-    blocksize: int = 64
-    skip_modules: list[str] | None = None
-    int8_threshold: float = 6.0
-
-    def __post_init__(self) -> None:
-        if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"QuantConfig.quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
-        if isinstance(self.compute_dtype, str):
-            self.compute_dtype = getattr(torch, self.compute_dtype.removeprefix("torch."), self.compute_dtype)
-        if self.compute_dtype is not None and self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"QuantConfig.compute_dtype must be None or one of {COMPUTE_DTYPES}, "
-                             f"got {self.compute_dtype!r}")
-        if self.blocksize not in BLOCKSIZES:
-            raise ValueError(f"QuantConfig.blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
-        if self.blocksize == 32 and self.quant_type != "int8" and torch.cuda.is_available():
-            try:  # CUDA is the default device: check now (quantize_linear checks again, knowing the device)
-                check_blocksize(self.blocksize, torch.device("cuda"))
-            except ImportError:
-                pass  # no usable bitsandbytes: loading says so
-        if isinstance(self.skip_modules, str):
-            self.skip_modules = [self.skip_modules]
-        if self.skip_modules is not None and not all(isinstance(s, str) and s for s in self.skip_modules):
-            raise ValueError(f"QuantConfig.skip_modules must be a list of module names, got {self.skip_modules!r}")
-        if not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
-            raise ValueError(f"QuantConfig.int8_threshold must be a number >= 0, got {self.int8_threshold!r}")
-        self.int8_threshold = float(self.int8_threshold)
-
-
-def resolve_quant_config(quantize: str | QuantConfig | None, dtype: torch.dtype | None) -> QuantConfig | None:
-    """The QuantConfig for `from_pretrained(quantize=..., dtype=...)`: a copy with compute_dtype filled in."""
-    if quantize is None:
-        return None
-    if isinstance(quantize, str):
-        if quantize.lower() not in QUANT_TYPES:
-            raise ValueError(f"quantize must be one of {QUANT_TYPES}, a QuantConfig or None, got {quantize!r}")
-        quantize = QuantConfig(quant_type=quantize.lower())
-    elif not isinstance(quantize, QuantConfig):
-        raise TypeError(f"quantize must be one of {QUANT_TYPES}, a QuantConfig or None, got {type(quantize).__name__}")
-    return dataclasses.replace(quantize, compute_dtype=quantize.compute_dtype or dtype or torch.float32)
-
-
-def _matches(path: str, patterns: Iterable[str]) -> bool:
-    """transformers' rule for skip lists: `pattern` matches from the start up to a module boundary (as a
-    regex), or is a suffix of the path."""
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
-    try:
-        return any(re.match(rf"(?:{p}){boundary}", path) or path.endswith(p) for p in patterns)
-    except re.error as e:
-        raise ValueError(f"QuantConfig.skip_modules has an invalid pattern: {e}") from None
-
-
-def _always_dense(path: str, model: nn.Module) -> bool:
-    """Freshly initialised task heads, a head tied to the embeddings, and the model type's keep-dense modules."""
-    if not isinstance(model, PreTrainedModel):
-        return False
-    if any((path + ".").startswith(p) for p in model.new_head_prefixes) or path + ".weight" in model.tied_weight_keys():
-        return True
-    return _matches(path, KEEP_DENSE_BY_MODEL_TYPE.get(model.model_type, ()))
-
-
-def should_quantize(path: str, module: nn.Module, qconfig: QuantConfig, model: nn.Module) -> bool:
-    """True for an `nn.Linear` at `path` in `model` that `qconfig` quantizes: all but new task heads, tied
-    heads and the model type's keep-dense modules, less `skip_modules`, or less the output head when
-    `skip_modules` is None (transformers' rule: a skip list replaces the default one)."""
-    if not isinstance(module, nn.Linear) or _always_dense(path, model):
-        return False
-    if qconfig.skip_modules is None:
-        return path not in output_head_paths(model)
-    return not _matches(path, qconfig.skip_modules)
-
+from minilora.quant import format as quant_format
+from minilora.quant.bnb import import_bitsandbytes, check_blocksize
+from minilora.quant.config import COMPUTE_DTYPES, QuantConfig
 
 # --------------------------------------------------------------------------------------------------------
 # The layers
@@ -251,8 +98,6 @@ class QuantizedLinear(nn.Module):
         if (self.bias is None) != ("bias" not in tensors):
             (missing_keys if self.bias is not None else unexpected_keys).append(prefix + "bias")
             return
-        from minilora.quant.format import load_prequantized_linear
-
         try:
             loaded = load_prequantized_linear(tensors, self.in_features, self.out_features,
                                               QuantConfig(self.quant_type), self.weight.device, prefix)
@@ -290,7 +135,7 @@ class NF4Linear(QuantizedLinear):
                  compute_dtype: torch.dtype | None = None):
         super().__init__(compute_dtype)
         self.weight = weight
-        self.bias = _frozen(bias)
+        self.bias = frozen_parameter(bias)
         self.out_features, self.in_features = weight.quant_state.shape
 
     @property
@@ -302,7 +147,7 @@ class NF4Linear(QuantizedLinear):
         state = self.weight.quant_state
         absmax = state.absmax
         if state.nested:
-            absmax = _bnb().functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+            absmax = import_bitsandbytes().functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
         # The op directly (not functional.dequantize_4bit): it writes `dtype` without an fp32 detour.
         return torch.ops.bitsandbytes.dequantize_4bit.default(
             self.weight.data, absmax.float(), state.blocksize, state.quant_type, state.shape,
@@ -319,7 +164,7 @@ class NF4Linear(QuantizedLinear):
 
     def bnb_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # Linear4bit's call: the transposed packed weight (bitsandbytes >= 0.46 reads both orientations).
-        return _bnb().matmul_4bit(x, self.weight.t(), quant_state=self.weight.quant_state, bias=bias)
+        return import_bitsandbytes().matmul_4bit(x, self.weight.t(), quant_state=self.weight.quant_state, bias=bias)
 
 
 class Int8Linear(QuantizedLinear):
@@ -343,7 +188,7 @@ class Int8Linear(QuantizedLinear):
                  compute_dtype: torch.dtype | None = None, threshold: float = 6.0):
         super().__init__(compute_dtype)
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = _frozen(bias)
+        self.bias = frozen_parameter(bias)
         self.register_buffer("SCB", scb.float())
         self.out_features, self.in_features = weight.shape
         self.threshold = float(threshold)
@@ -352,7 +197,7 @@ class Int8Linear(QuantizedLinear):
         return x.device.type in BNB_MATMUL_DEVICES
 
     def bnb_matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        bnb = _bnb()
+        bnb = import_bitsandbytes()
         state = bnb.MatmulLtState()  # fresh per call: bitsandbytes keeps per-call outlier columns in it
         state.CB, state.SCB, state.threshold = self.weight.data, self.SCB, self.threshold
         state.has_fp16_weights, state.is_training = False, False  # is_training=False: LLM.int8 on any device
@@ -389,7 +234,7 @@ def decodes_with_matmul_4bit(device: torch.device, rows: int, needs_grad: bool) 
     return device.type in BNB_MATMUL_DEVICES and not needs_grad and rows <= DECODE_MAX_ROWS
 
 
-def _frozen(bias: torch.Tensor | None) -> nn.Parameter | None:
+def frozen_parameter(bias: torch.Tensor | None) -> nn.Parameter | None:
     return None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
 
@@ -444,7 +289,7 @@ def _quantize_int8(chunks: Iterable[torch.Tensor], shape: tuple[int, int],
     row = 0
     for chunk in chunks:
         # Through fp16 like bnb's Int8Params, so the int8 rows equal what transformers' load_in_8bit stores.
-        int8_rows, chunk_scb, _ = _bnb().functional.int8_vectorwise_quant(chunk.to(torch.float16))
+        int8_rows, chunk_scb, _ = import_bitsandbytes().functional.int8_vectorwise_quant(chunk.to(torch.float16))
         int8_weight[row:row + len(chunk)], scb[row:row + len(chunk)] = int8_rows, chunk_scb
         row += len(chunk)
     return int8_weight, scb
@@ -453,7 +298,7 @@ def _quantize_int8(chunks: Iterable[torch.Tensor], shape: tuple[int, int],
 def _quantize_4bit(chunks: Iterable[torch.Tensor], shape: tuple[int, int], dtype: torch.dtype,
                    qconfig: QuantConfig, device: torch.device) -> nn.Parameter:
     """bitsandbytes.functional.quantize_4bit, one row chunk at a time: the same packed bytes and state."""
-    bnb = _bnb()
+    bnb = import_bitsandbytes()
     n, blocksize = shape[0] * shape[1], qconfig.blocksize
     packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
@@ -474,3 +319,27 @@ def _quantize_4bit(chunks: Iterable[torch.Tensor], shape: tuple[int, int], dtype
     return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=blocksize,
                              compress_statistics=qconfig.double_quant, quant_type=qconfig.quant_type,
                              bnb_quantized=True)
+
+
+def load_prequantized_linear(tensors: dict[str, torch.Tensor], in_features: int, out_features: int,
+                             qconfig: QuantConfig, device: torch.device | str | None = None,
+                             prefix: str = "") -> nn.Module:
+    """Rebuild a quantized layer from the tensors a quantized model's state_dict wrote under its prefix
+    ("weight", "weight.absmax", ..., "bias" / "weight", "SCB", "weight_format", "bias"); no re-quantization.
+
+    `prefix` (e.g. "model.layers.0.self_attn.q_proj.") only makes error messages name the full keys.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if qconfig.quant_type == "int8":
+        layer = Int8Linear(*quant_format.read_int8(tensors, in_features, out_features, device, prefix))
+    else:
+        layer = NF4Linear(quant_format.read_4bit(tensors, in_features, out_features, qconfig.quant_type, device,
+                                                 prefix))
+    if "bias" in tensors:
+        if tensors["bias"].shape != (out_features,):
+            raise ValueError(f"{prefix}bias has shape {tuple(tensors['bias'].shape)}, expected ({out_features},)")
+        layer.bias = frozen_parameter(tensors["bias"].to(device))
+    layer.compute_dtype = qconfig.compute_dtype
+    if isinstance(layer, Int8Linear):
+        layer.threshold = qconfig.int8_threshold
+    return layer
