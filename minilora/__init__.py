@@ -21,7 +21,7 @@ from minilora.train.config import TrainConfig
 __version__ = "0.1.0"
 
 _LAZY = {
-    "from_pretrained": "io.load", "save_pretrained": "io.load",
+    "from_pretrained": "io.load", "save_pretrained": "io.save",
     "load_tokenizer": "text.tokenizer", "Tokenizer": "text.tokenizer",
     "QuantConfig": "quant.layers",
     "resolve_device": "device",

@@ -10,7 +10,8 @@ import torch
 from train_helpers import VOCAB_SIZE, tiny_llama
 
 import minilora as ml
-from minilora.io.load import from_pretrained, save_pretrained
+from minilora.io.load import from_pretrained
+from minilora.io.save import save_pretrained
 from minilora.io.safetensors_file import CheckpointError, load_safetensors, save_safetensors
 
 

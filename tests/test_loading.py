@@ -19,7 +19,8 @@ from torch import nn
 
 from minilora.io import load as loading
 from minilora.io.hub import resolve_files, resolve_model_dir
-from minilora.io.load import CheckpointError, SafetensorsFile, from_pretrained, save_pretrained
+from minilora.io.load import CheckpointError, SafetensorsFile, from_pretrained
+from minilora.io.save import save_pretrained
 from minilora.models import model_classes, resolve_task
 
 transformers.logging.set_verbosity_error()

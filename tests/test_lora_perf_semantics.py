@@ -11,7 +11,7 @@ from lora_helpers import batch, peft_twin, tiny_llama
 from torch import nn
 
 import minilora as ml
-from minilora.ops import fused
+from minilora import ops as fused
 from minilora.ops import dropout, lora_update
 from minilora.models.gradient_checkpointing import enable_gradient_checkpointing
 from minilora.lora.layer import LoraLinear

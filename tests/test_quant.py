@@ -430,7 +430,8 @@ def test_loaded_llama_matches_transformers_bnb_model(tmp_path, quant_type):
 
 @pytest.mark.parametrize("quant_type", ["nf4", "int8"])
 def test_saved_quantized_llama_loads_in_transformers_and_back(tmp_path, quant_type):
-    from minilora.io.load import from_pretrained, save_pretrained
+    from minilora.io.load import from_pretrained
+    from minilora.io.save import save_pretrained
     transformers = pytest.importorskip("transformers")
     path = _tiny_hf_llama(tmp_path)
     ours = from_pretrained(path, quantize=quant_type, dtype=torch.float32)
@@ -465,7 +466,8 @@ def _save_tiny_hf_task(tmp_path, family):
 def test_skip_list_written_from_the_model_makes_transformers_load_heads_and_t5_wo_dense(tmp_path, family):
     """transformers' default skip rule differs from minilora's for classifier heads (it would quantize them);
     quant_config_to_dict(qconfig, model) names minilora's dense layers so the checkpoint loads as saved."""
-    from minilora.io.load import from_pretrained, save_pretrained
+    from minilora.io.load import from_pretrained
+    from minilora.io.save import save_pretrained
     path, hf_class = _save_tiny_hf_task(tmp_path, family)
     ours = from_pretrained(path, quantize="nf4", dtype=torch.float32).train()
     dense = quant_format.quant_config_to_dict(ours.quant_config, ours)["llm_int8_skip_modules"]

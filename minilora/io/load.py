@@ -9,7 +9,6 @@ full-precision model nor its mapped file pages ever sit in memory.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import functools
 import json
 import os
@@ -23,15 +22,19 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from minilora.io import config_checks as load_checks
 from minilora.device import resolve_device
-from minilora.io.hub import resolve_model_dir
+from minilora.io import config_checks as load_checks
 from minilora.io.config_checks import MAX_NUM_LABELS
-from minilora.models import FAMILIES, model_classes
-from minilora.io.atomic import atomic_write
-from minilora.models.base import PreTrainedModel
-from minilora.io.safetensors_file import (Checkpoint, CheckpointError, LazyTensor, SafetensorsFile,  # noqa: F401
-                                     load_safetensors, save_safetensors)
+from minilora.io.hub import resolve_model_dir
+from minilora.io.safetensors_file import (  # noqa: F401
+    Checkpoint,
+    CheckpointError,
+    LazyTensor,
+    SafetensorsFile,
+    load_safetensors,
+    save_safetensors,
+)
+from minilora.models import model_classes
 
 if TYPE_CHECKING:
     from minilora.quant.config import QuantConfig
@@ -67,7 +70,7 @@ def from_pretrained(path_or_id: str | os.PathLike, task: str | None = None, num_
     model_dir = resolve_model_dir(path_or_id, revision)
     config_dict = _read_json(model_dir / "config.json")
     if num_labels is not None:
-        _set_num_labels(config_dict, num_labels)
+        set_num_labels(config_dict, num_labels)
     config_class, model_class = model_classes(config_dict, task)
     device = resolve_device(device)
     with Checkpoint(model_dir) as checkpoint:
@@ -129,7 +132,7 @@ def _checked_config(config_class: type, config_dict: dict, checkpoint: Checkpoin
     return config
 
 
-def _set_num_labels(config_dict: dict, num_labels: int) -> None:
+def set_num_labels(config_dict: dict, num_labels: int) -> None:
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or not 1 <= num_labels <= MAX_NUM_LABELS:
         raise ValueError(f"num_labels must be an int in [1, {MAX_NUM_LABELS}], got {num_labels!r}")
     config_dict["num_labels"] = num_labels
@@ -233,11 +236,11 @@ def _load_weights(model: nn.Module, checkpoint: Checkpoint, config_dict: dict, d
     load_checks.check_dtypes(state, mapping, checkpoint, packed)
     where = checkpoint.files[0].path.parent
     if dropped:
-        warnings.warn(f"{where}: ignored tensors of a head {type(model).__name__} does not have: {_names(dropped)}",
+        warnings.warn(f"{where}: ignored tensors of a head {type(model).__name__} does not have: {key_list(dropped)}",
                       stacklevel=3)
     if new_head:
         warnings.warn(f"{where}: these {type(model).__name__} weights are not in the checkpoint and were newly "
-                      f"initialised (train them before use): {_names(new_head)}", stacklevel=3)
+                      f"initialised (train them before use): {key_list(new_head)}", stacklevel=3)
 
     def materialise(module: nn.Module, name: str, value: torch.Tensor) -> None:
         if name in module._parameters:
@@ -325,9 +328,9 @@ def _check_keys(model: nn.Module, checkpoint: Checkpoint, state: dict, mapping: 
     """One error listing every missing, unexpected and wrongly shaped tensor (before anything is read)."""
     problems = []
     if missing:
-        problems.append(f"missing from the checkpoint: {_names(missing)}")
+        problems.append(f"missing from the checkpoint: {key_list(missing)}")
     if unexpected:
-        problems.append(f"unexpected in the checkpoint (no such {type(model).__name__} tensor): {_names(unexpected)}")
+        problems.append(f"unexpected in the checkpoint (no such {type(model).__name__} tensor): {key_list(unexpected)}")
     shapes = [(k, tuple(checkpoint.shape(ck)), tuple(state[k].shape)) for k, ck in mapping.items()
               if k in state and not k.startswith(packed) and checkpoint.shape(ck) != state[k].shape]
     if shapes:
@@ -373,109 +376,8 @@ def _return_freed_memory() -> None:
         trim(0)
 
 
-def _names(keys: list[str], limit: int = 12) -> str:
+def key_list(keys: list[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, max_shard_size: int | str = "2GB") -> Path:
-    """Write `model` as a Hugging Face folder: config.json + model.safetensors (or shards + index).
-
-    transformers' `AutoModelFor*.from_pretrained(out_dir)` loads the result. Tied tensors are stored once
-    (e.g. no lm_head.weight when tied to the embeddings); a quantized model is written packed, with its
-    `quantization_config`. Every file is written to a temp file and renamed, so readers never see half a
-    file; weight files of an earlier save in the same folder are removed. Returns the folder.
-    """
-    lora = [name for name, _ in model.named_parameters() if "lora_A" in name]
-    if lora:
-        raise ValueError(f"the model still has LoRA layers ({_names(lora, 3)}): call ml.merge_and_unload(model) "
-                         "first to save a full model, or ml.save_adapter(model, dir) to save only the adapter")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = _tensors_to_save(model)
-    shards = _split_into_shards(tensors, _parse_size(max_shard_size))
-    if len(shards) == 1:
-        written = ["model.safetensors"]
-        save_safetensors(shards[0], out / written[0])
-    else:
-        written = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-        for name, shard in zip(written, shards, strict=True):
-            save_safetensors(shard, out / name)
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map = {key: name for name, shard in zip(written, shards, strict=True) for key in shard}
-        _write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, out / "model.safetensors.index.json")
-        written.append("model.safetensors.index.json")
-    for stale in [*out.glob("model.safetensors*"), *out.glob("model-*-of-*.safetensors")]:
-        if stale.name not in written:
-            stale.unlink()
-    _write_json(_config_to_save(model), out / "config.json")
-    return out
-
-
-def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
-    unset = [k for k, t in state.items() if t.is_meta]
-    if unset:
-        raise ValueError(f"cannot save tensors that were never materialised (meta): {_names(unset)}")
-    tied = set(model.tied_weight_keys()) if isinstance(model, PreTrainedModel) else set()
-    kept = {t.untyped_storage().data_ptr() for k, t in state.items() if k not in tied}
-    # A tied tensor is dropped only when it really shares memory with one that is written.
-    return {k: t for k, t in state.items() if k not in tied or t.untyped_storage().data_ptr() not in kept}
-
-
-def _split_into_shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Greedy, in state-dict order; a tensor larger than max_bytes gets a shard of its own."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += nbytes
-    return shards
-
-
-def _parse_size(size: int | str) -> int:
-    """Bytes in "2GB" / "500MB" / "200KB" (powers of 10) or "1GiB" / "10MiB" (powers of 2), or an int."""
-    if isinstance(size, int) and size > 0:
-        return size
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    match = re.fullmatch(r"\s*(\d+)\s*([KMG]I?B|B)\s*", str(size).upper())
-    if not match or int(match[1]) <= 0:
-        raise ValueError(f"max_shard_size must be a positive int or a size like '2GB' / '500MB', got {size!r}")
-    return int(match[1]) * units[match[2]]
-
-
-def _config_to_save(model: nn.Module) -> dict:
-    config = getattr(model, "config", None)
-    raw = dict(getattr(config, "raw", None) or {})
-    if not raw and dataclasses.is_dataclass(config):  # built by hand, not loaded: its fields use HF's names
-        raw = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "raw"}
-    if not raw:
-        raise ValueError(f"{type(model).__name__}.config is not a minilora config with a `raw` config.json dict")
-    raw.setdefault("model_type", next((t for t, f in FAMILIES.items() if f.config_class == type(config).__name__),
-                                      None))
-    raw["architectures"] = [type(model).__name__]
-    num_labels = getattr(config, "num_labels", None)
-    if num_labels is not None and "id2label" in raw and len(raw["id2label"]) != num_labels:
-        _set_num_labels(raw, num_labels)
-    floats: dict[torch.dtype, int] = {}
-    for p in model.parameters():
-        if p.is_floating_point():
-            floats[p.dtype] = floats.get(p.dtype, 0) + p.numel()
-    if floats:  # both keys: transformers v5 reads `dtype`, v4 `torch_dtype`
-        raw["dtype"] = raw["torch_dtype"] = str(max(floats, key=floats.get)).removeprefix("torch.")
-    qconfig = getattr(model, "quant_config", None)
-    raw.pop("quantization_config", None)
-    if qconfig is not None:
-        from minilora.quant import format as quant_format
-
-        raw["quantization_config"] = quant_format.quant_config_to_dict(qconfig, model)
-    return raw
-
-
-def _write_json(data: dict, path: Path) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")

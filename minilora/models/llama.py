@@ -12,7 +12,7 @@ and scaled embeddings, norms around the attention and MLP outputs, soft-capped l
 with their own RoPE base, partial rotary dimensions, and Phi-3's fused `qkv_proj` / `gate_up_proj`.
 
 Training-speed details live elsewhere: norm, rope, attention (on CPU, with grad) and the loss use the
-hand-written backward passes of `minilora.ops.fused`; `linear_group` runs the LoRA branches of q/k/v and of
+hand-written backward passes of `minilora.ops`; `linear_group` runs the LoRA branches of q/k/v and of
 gate/up together.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora.ops import fused
+from minilora import ops
 from minilora.ops import gemm
 from minilora.models.gradient_checkpointing import run_block
 from minilora.ops.linear_group import linear_group
@@ -248,7 +248,7 @@ class LlamaRMSNorm(nn.Module):
             normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
             return (normed * (1.0 + self.weight.float())).type_as(x)
         # Normalises in fp32 for bf16/fp16 stability and casts back before the weight, like HF.
-        return fused.rms_norm(x, self.weight, self.variance_epsilon)
+        return ops.rms_norm(x, self.weight, self.variance_epsilon)
 
 
 def softcapped_attention(q, k, v, mask, scale: float, softcap: float, dropout: float) -> torch.Tensor:
@@ -292,8 +292,8 @@ class LlamaAttention(nn.Module):
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE on the first rotary_dim dimensions of each head; the rest pass through (partial rotary)."""
         if self.rotary_dim == self.head_dim:
-            return fused.rotary(x, cos, sin)  # cos/sin halves are equal (cat(f, f))
-        return torch.cat((fused.rotary(x[..., :self.rotary_dim], cos, sin), x[..., self.rotary_dim:]), dim=-1)
+            return ops.rotary(x, cos, sin)  # cos/sin halves are equal (cat(f, f))
+        return torch.cat((ops.rotary(x[..., :self.rotary_dim], cos, sin), x[..., self.rotary_dim:]), dim=-1)
 
     def forward(self, x, cos, sin, mask, past_kv=None):
         batch, seq, _ = x.shape
@@ -322,7 +322,7 @@ class LlamaAttention(nn.Module):
             mask = mask | sees_nothing
         training_on_cpu = q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or v.requires_grad)
         if training_on_cpu and past_kv is None and dropout == 0:
-            out = fused.attention(q, k, v, mask, scale=self.scaling)  # SDPA's CPU backward is ~2x slower
+            out = ops.attention(q, k, v, mask, scale=self.scaling)  # SDPA's CPU backward is ~2x slower
         else:
             if not SDPA_HAS_GQA:
                 groups = self.num_heads // self.num_kv_heads  # each key/value head serves `groups` query heads
@@ -484,7 +484,7 @@ class LlamaForCausalLM(PreTrainedModel):
             logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
-            loss = fused.causal_lm_loss(logits, labels)
+            loss = ops.causal_lm_loss(logits, labels)
         return ModelOutput(loss=loss, logits=logits, past_key_values=cache)
 
     @property
