@@ -227,18 +227,17 @@ def test_lora_layers_leave_the_cuda_kernels_to_their_quantized_base(bnb_matmul_o
 def test_cross_entropy_gives_the_same_bits_in_gpu_sized_chunks(monkeypatch, dtype):
     """A GPU reads the logits in DEVICE_CHUNK_ELEMENTS chunks: the same loss and gradient, bit for bit, as the
     CPU's cache-sized chunks (rows are independent); a loss scale (accumulation) applies on both paths."""
-    from minilora import ops as fused
-    from minilora.ops import cross_entropy as cross_entropy_module
+    from minilora.ops import cross_entropy
 
     torch.manual_seed(0)
     logits = (torch.randn(300, 1000) * 4).to(dtype).requires_grad_()
     targets = torch.randint(0, 1000, (300,))
     targets[::7] = -100
-    results, sizes = [], (cross_entropy_module.CHUNK_ELEMENTS, cross_entropy_module.DEVICE_CHUNK_ELEMENTS)
+    results, sizes = [], (cross_entropy.CHUNK_ELEMENTS, cross_entropy.DEVICE_CHUNK_ELEMENTS)
     assert sizes[1] // 1000 >= 300 > sizes[0] // 1000  # one chunk vs several
     for chunk in sizes:
-        monkeypatch.setattr(cross_entropy_module, "CHUNK_ELEMENTS", chunk)
-        loss = fused.cross_entropy(logits, targets)
+        monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", chunk)
+        loss = cross_entropy.cross_entropy(logits, targets)
         results.append((loss, *torch.autograd.grad(loss / 4, logits)))
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)

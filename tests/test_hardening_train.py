@@ -126,7 +126,7 @@ with lock.output_dir_lock(Path(sys.argv[1])):
 
 def test_second_run_on_one_output_dir_fails_naming_the_holder_and_a_killed_holder_is_stale(tmp_path):
     out = tmp_path / "out"
-    module = Path(__file__).resolve().parents[1] / "minilora" / "output_lock.py"
+    module = Path(__file__).resolve().parents[1] / "minilora" / "train" / "output_lock.py"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out), str(module)], stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline().strip() == b"locked"

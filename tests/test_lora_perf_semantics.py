@@ -11,7 +11,7 @@ from lora_helpers import batch, peft_twin, tiny_llama
 from torch import nn
 
 import minilora as ml
-from minilora import ops as fused
+from minilora.ops import attention, cross_entropy, rms_norm, rotary
 from minilora.ops import dropout, lora_update
 from minilora.models.gradient_checkpointing import enable_gradient_checkpointing
 from minilora.lora.layer import LoraLinear
@@ -238,14 +238,14 @@ def test_lora_under_autocast_runs_in_bf16_with_fp32_factor_grads():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cross_entropy_equals_torch_over_chunk_boundaries(monkeypatch, dtype):
-    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 3 * 50)  # 3 rows per chunk: 17 rows leave a remainder
+    monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", 3 * 50)  # 3 rows per chunk: 17 rows leave a remainder
     torch.manual_seed(0)
     logits = (torch.randn(17, 50) * 4).to(dtype).requires_grad_()
     targets = torch.randint(0, 50, (17,))
     targets[[2, 9]] = -100
     expected = F.cross_entropy(logits.float(), targets, ignore_index=-100)
     (grad_expected,) = torch.autograd.grad(expected * 3, logits)
-    got = fused.cross_entropy(logits, targets)
+    got = cross_entropy.cross_entropy(logits, targets)
     (grad_got,) = torch.autograd.grad(got * 3, logits)
     assert got.dtype == torch.float32 and grad_got.dtype == dtype
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
@@ -261,21 +261,21 @@ def test_causal_lm_loss_is_transformers_shifted_mean():
     labels[0, :3] = -100
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
     (grad_expected,) = torch.autograd.grad(expected, logits)
-    got = fused.causal_lm_loss(logits, labels)
+    got = cross_entropy.causal_lm_loss(logits, labels)
     (grad_got,) = torch.autograd.grad(got, logits)  # d loss = 1: the gradient computed in forward as is
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(grad_got, grad_expected, atol=1e-7, rtol=1e-6)
     with torch.no_grad():
-        torch.testing.assert_close(fused.causal_lm_loss(logits, labels), expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(cross_entropy.causal_lm_loss(logits, labels), expected, atol=1e-6, rtol=1e-6)
 
 
 def test_cross_entropy_bad_input():
-    all_ignored = fused.cross_entropy(torch.randn(3, 5), torch.full((3,), -100))
+    all_ignored = cross_entropy.cross_entropy(torch.randn(3, 5), torch.full((3,), -100))
     assert torch.isnan(all_ignored)  # as F.cross_entropy
     with pytest.raises(ValueError, match="token id 7"):
-        fused.cross_entropy(torch.randn(3, 5), torch.tensor([1, 7, 2]))
+        cross_entropy.cross_entropy(torch.randn(3, 5), torch.tensor([1, 7, 2]))
     with pytest.raises(ValueError, match="logits"):
-        fused.cross_entropy(torch.randn(3, 5), torch.tensor([1, 2]))
+        cross_entropy.cross_entropy(torch.randn(3, 5), torch.tensor([1, 2]))
 
 
 def saved_bytes(fn):
@@ -294,7 +294,7 @@ def saved_bytes(fn):
 def test_lm_loss_keeps_no_fp32_logits_for_backward():
     logits = torch.randn(4, 64, 1000, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, 1000, (4, 64))
-    _, ours = saved_bytes(lambda: fused.causal_lm_loss(logits, labels))
+    _, ours = saved_bytes(lambda: cross_entropy.causal_lm_loss(logits, labels))
     _, torch_way = saved_bytes(lambda: F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()))
     logits_bytes = logits.numel() * logits.element_size()
     assert ours < logits_bytes * 1.05  # one bf16 logits-sized tensor: their gradient
@@ -330,7 +330,7 @@ def test_attention_equals_sdpa_fp32(masked):
     mask = padding_mask() if masked else None
     expected = sdpa(q, k, v, mask)
     grads_expected = torch.autograd.grad(expected, (q, k, v), g)
-    got = fused.attention(q, k, v, mask)
+    got = attention.attention(q, k, v, mask)
     grads_got = torch.autograd.grad(got, (q, k, v), g)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads_got, grads_expected, strict=True):
@@ -348,7 +348,7 @@ def test_attention_bf16_error_is_sdpa_bf16_error():
         grads = torch.autograd.grad(out, (q, k, v), g)
         return [rel_err(out, exact)] + [rel_err(a, b) for a, b in zip(grads, exact_grads, strict=True)]
 
-    ours, theirs = errors(fused.attention), errors(sdpa)
+    ours, theirs = errors(attention.attention), errors(sdpa)
     for mine, sdpas in zip(ours, theirs, strict=True):
         assert mine < 2 * sdpas + 2e-3, (ours, theirs)
 
@@ -356,10 +356,10 @@ def test_attention_bf16_error_is_sdpa_bf16_error():
 def test_attention_rejects_bad_shapes():
     q, k, v, _ = qkv(torch.float32, heads=5, kv_heads=2)
     with pytest.raises(ValueError, match="heads"):
-        fused.attention(q, k, v)
+        attention.attention(q, k, v)
     q, k, v, _ = qkv(torch.float32)
     with pytest.raises(ValueError, match="q_len"):
-        fused.attention(q[:, :, :3], k, v)
+        attention.attention(q[:, :, :3], k, v)
 
 
 # ---------------------------------------------------------------- fused RMSNorm
@@ -378,7 +378,7 @@ def test_rms_norm_equals_transformers_ops(x_dtype, w_dtype):
     expected = hf_rms_norm(x, w)
     grad = torch.randn(expected.shape, generator=g).to(expected.dtype)
     grads_expected = torch.autograd.grad(expected, (x, w), grad)
-    got = fused.rms_norm(x, w, 1e-5)
+    got = rms_norm.rms_norm(x, w, 1e-5)
     grads_got = torch.autograd.grad(got, (x, w), grad)
     assert got.dtype == expected.dtype  # fp32 weight on bf16 input promotes, as in transformers
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
@@ -401,7 +401,7 @@ def test_rotary_equals_transformers(dtype):
     angles = torch.cat((freqs, freqs), dim=-1)
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     expected = apply_rotary_pos_emb(q, k, cos, sin)
-    got = (fused.rotary(q, cos, sin), fused.rotary(k, cos, sin))
+    got = (rotary.rotary(q, cos, sin), rotary.rotary(k, cos, sin))
     grads = [torch.randn(t.shape, generator=g).to(dtype) for t in expected]
     grads_expected = torch.autograd.grad(expected, (q, k), grads)
     grads_got = torch.autograd.grad(got, (q, k), grads)

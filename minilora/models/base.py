@@ -75,19 +75,23 @@ class PreTrainedModel(nn.Module):
 
 
 def output_head_paths(model: nn.Module) -> set[str]:
-    """Module paths of the output head and of new task heads; empty for a model that is no PreTrainedModel."""
-    if not isinstance(model, PreTrainedModel):
-        return set()
-    head = model.get_output_embeddings()
-    prefixes = tuple(p.rstrip(".") for p in model.new_head_prefixes)
-    return {path for path, module in model.named_modules()  # a head module and the layers inside it
+    """Module paths of the output head and of new task heads (with the layers inside them). A model from
+    elsewhere (transformers) counts its `get_output_embeddings()` when it has one."""
+    if isinstance(model, PreTrainedModel):
+        head, prefixes = model.get_output_embeddings(), tuple(p.rstrip(".") for p in model.new_head_prefixes)
+    else:
+        get_head = getattr(model, "get_output_embeddings", None)
+        head, prefixes = (get_head() if callable(get_head) else None), ()
+    return {path for path, module in model.named_modules()
             if path and ((head is not None and module is head) or path in prefixes
                          or path.startswith(tuple(p + "." for p in prefixes)))}
 
 
 def model_type_of(model: nn.Module) -> str | None:
-    """config.json's `model_type` of a minilora model; None for any other module."""
-    return model.model_type if isinstance(model, PreTrainedModel) else None
+    """config.json's `model_type` of a model (a transformers model's `config.model_type` too); None if unknown."""
+    if isinstance(model, PreTrainedModel):
+        return model.model_type
+    return getattr(getattr(model, "config", None), "model_type", None)
 
 
 # Activation functions by config.json name (`hidden_act`, `dense_act_fn`).

@@ -25,7 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora import ops
+from minilora.ops.attention import attention
+from minilora.ops.cross_entropy import causal_lm_loss
+from minilora.ops.rms_norm import rms_norm
+from minilora.ops.rotary import rotary
 from minilora.ops import gemm
 from minilora.models.gradient_checkpointing import run_block
 from minilora.ops.linear_group import linear_group
@@ -248,7 +251,7 @@ class LlamaRMSNorm(nn.Module):
             normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
             return (normed * (1.0 + self.weight.float())).type_as(x)
         # Normalises in fp32 for bf16/fp16 stability and casts back before the weight, like HF.
-        return ops.rms_norm(x, self.weight, self.variance_epsilon)
+        return rms_norm(x, self.weight, self.variance_epsilon)
 
 
 def softcapped_attention(q, k, v, mask, scale: float, softcap: float, dropout: float) -> torch.Tensor:
@@ -292,8 +295,8 @@ class LlamaAttention(nn.Module):
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE on the first rotary_dim dimensions of each head; the rest pass through (partial rotary)."""
         if self.rotary_dim == self.head_dim:
-            return ops.rotary(x, cos, sin)  # cos/sin halves are equal (cat(f, f))
-        return torch.cat((ops.rotary(x[..., :self.rotary_dim], cos, sin), x[..., self.rotary_dim:]), dim=-1)
+            return rotary(x, cos, sin)  # cos/sin halves are equal (cat(f, f))
+        return torch.cat((rotary(x[..., :self.rotary_dim], cos, sin), x[..., self.rotary_dim:]), dim=-1)
 
     def forward(self, x, cos, sin, mask, past_kv=None):
         batch, seq, _ = x.shape
@@ -322,7 +325,7 @@ class LlamaAttention(nn.Module):
             mask = mask | sees_nothing
         training_on_cpu = q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or v.requires_grad)
         if training_on_cpu and past_kv is None and dropout == 0:
-            out = ops.attention(q, k, v, mask, scale=self.scaling)  # SDPA's CPU backward is ~2x slower
+            out = attention(q, k, v, mask, scale=self.scaling)  # SDPA's CPU backward is ~2x slower
         else:
             if not SDPA_HAS_GQA:
                 groups = self.num_heads // self.num_kv_heads  # each key/value head serves `groups` query heads
@@ -484,7 +487,7 @@ class LlamaForCausalLM(PreTrainedModel):
             logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
-            loss = ops.causal_lm_loss(logits, labels)
+            loss = causal_lm_loss(logits, labels)
         return ModelOutput(loss=loss, logits=logits, past_key_values=cache)
 
     @property
@@ -526,6 +529,6 @@ class LlamaForCausalLM(PreTrainedModel):
 
     def init_non_persistent_buffers(self, device: torch.device | str) -> None:
         """(Re)compute the rotary frequencies, e.g. after the loader materialised the model from `meta`."""
-        for rotary in (self.model.rotary_emb, getattr(self.model, "rotary_emb_local", None)):
-            if rotary is not None:
-                rotary.inv_freq = rope_inv_freq(self.config, device=device, local=rotary.local)
+        for rotary_emb in (self.model.rotary_emb, getattr(self.model, "rotary_emb_local", None)):
+            if rotary_emb is not None:
+                rotary_emb.inv_freq = rope_inv_freq(self.config, device=device, local=rotary_emb.local)
