@@ -5,7 +5,7 @@ from typing import Sequence
 
 from minilora.checks import check_number
 from minilora.data.collate import IGNORE_INDEX, Features
-from minilora.data.packing import pack
+from minilora.data.packing import to_features
 from minilora.data.readers import get_text, require_rows, source_of
 
 
@@ -55,10 +55,4 @@ def causal_lm_dataset(records: Sequence[dict], tokenizer, *, max_length: int = 5
     if not kept:
         raise ValueError(f"causal_lm_dataset: no example of {source_of(records)} has a response token within "
                          f"max_length={max_length}")
-    if packing:
-        features = pack(kept, max_length, source_of(records))
-    else:
-        features = Features(({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-                             for ids, labels in kept), source=source_of(records))
-    features.num_dropped = dropped
-    return features
+    return to_features(kept, max_length, packing, source_of(records), dropped)

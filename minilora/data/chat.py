@@ -17,7 +17,7 @@ from typing import Sequence
 
 from minilora.text.chat_template import render_chat, render_chat_with_generation_spans
 from minilora.data.collate import IGNORE_INDEX, Features
-from minilora.data.packing import pack
+from minilora.data.packing import to_features
 from minilora.data.readers import get_field, require_rows, source_of
 
 # ShareGPT's `from` values -> roles; rows holding {"from": ..., "value": ...} messages are read with it.
@@ -71,13 +71,7 @@ def chat_dataset(records: Sequence[dict], tokenizer, max_length: int = 2048, mes
     if dropped:
         warnings.warn(f"chat_dataset: {dropped} of {len(records)} conversations of {source_of(records)} have no "
                       f"assistant token to learn within max_length={max_length}; they are left out", stacklevel=2)
-    if packing:
-        features = pack(documents, max_length, source_of(records))
-    else:
-        features = Features(({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-                             for ids, labels in documents), source=source_of(records))
-    features.num_dropped = dropped
-    return features
+    return to_features(documents, max_length, packing, source_of(records), dropped)
 
 
 def read_messages(row: dict, field: str, records: Sequence[dict], index: int) -> list[dict]:

@@ -36,3 +36,15 @@ def pack(documents: list[tuple[list[int], list[int]]], max_length: int, source: 
             "position_ids": [p for ids, _ in docs for p in range(len(ids))],
         })
     return features
+
+
+def to_features(documents: list[tuple[list[int], list[int]]], max_length: int, packing: bool, source: str,
+                dropped: int) -> Features:
+    """(input_ids, labels) documents as features: packed rows, or one row per document; `num_dropped` noted."""
+    if packing:
+        features = pack(documents, max_length, source)
+    else:
+        features = Features(({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+                             for ids, labels in documents), source=source)
+    features.num_dropped = dropped
+    return features

@@ -370,7 +370,7 @@ def _malloc_trim():
 
 def _return_freed_memory() -> None:
     """Give the heap's free pages back to the OS (glibc). Quantizing frees many temporaries between the
-    packed weights it keeps; without this, that fragmented free memory stays in RSS (~25% of the model)."""
+    packed weights it keeps; without this, that fragmented free memory stays in RSS."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

@@ -32,7 +32,7 @@ from minilora.ops.rotary import rotary
 from minilora.ops import gemm
 from minilora.models.gradient_checkpointing import run_block
 from minilora.ops.linear_group import linear_group
-from minilora.models.base import PreTrainedModel
+from minilora.models.base import ACTIVATIONS, PreTrainedModel
 from minilora.models.inputs import checked_token_ids
 from minilora.models.masks import restrict_to_documents
 from minilora.models.outputs import ModelOutput
@@ -41,7 +41,7 @@ KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # one (key, value) pair per l
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
 LAYER_TYPES = ("full_attention", "sliding_attention")
-ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")  # of models.base.ACTIVATIONS: what the families use
 # SDPA shares key/value heads among query heads itself since torch 2.5 (no repeated copies of K and V).
 SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -98,9 +98,9 @@ class LlamaConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
-        if self.hidden_act not in ACTIVATIONS:
+        if self.hidden_act not in HIDDEN_ACTS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported for model_type {self.model_type!r}: "
-                             f"expected one of {tuple(ACTIVATIONS)}")
+                             f"expected one of {HIDDEN_ACTS}")
         if self.layer_types is None:
             kind = "sliding_attention" if self.sliding_window else "full_attention"
             self.layer_types = [kind] * self.num_hidden_layers
@@ -325,7 +325,7 @@ class LlamaAttention(nn.Module):
             mask = mask | sees_nothing
         training_on_cpu = q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or v.requires_grad)
         if training_on_cpu and past_kv is None and dropout == 0:
-            out = attention(q, k, v, mask, scale=self.scaling)  # SDPA's CPU backward is ~2x slower
+            out = attention(q, k, v, mask, scale=self.scaling)  # SDPA's CPU backward is slower
         else:
             if not SDPA_HAS_GQA:
                 groups = self.num_heads // self.num_kv_heads  # each key/value head serves `groups` query heads

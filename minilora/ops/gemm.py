@@ -1,8 +1,8 @@
 """The dtype that bf16 matrix products run in.
 
 PyTorch multiplies bf16 matrices on the CPU with fast kernels only where the CPU has AVX512-BF16 or AMX; on
-other CPUs (AVX2: many AMD EPYC / Ryzen and laptop chips) it falls back to a reference GEMM 7-60x slower than
-fp32's, which makes a bf16 QLoRA step ~16x slower than an fp32 one. There minilora's training layers multiply
+other CPUs (AVX2: many AMD EPYC / Ryzen and laptop chips) it falls back to a reference GEMM far slower than
+fp32's (README, "Benchmarks"). There minilora's training layers multiply
 bf16 tensors in fp32 and round each product to bf16 once. A native bf16 GEMM accumulates in fp32 too, so the
 numbers are the same up to the order of summation; only speed (and the fp32 temporaries) differ.
 """

@@ -3,7 +3,7 @@
     y_i = base_i(x) + scaling_i * ((x * keep) @ A_i.T) @ B_i.T        for each layer i of the group
 
 `minilora.lora.LoraLinear.reference_forward` is this formula in plain autograd; tests hold the two equal.
-Written out by hand because autograd's version costs about twice as much on CPU:
+Written out by hand because autograd's version makes more passes over memory:
 - the A factors of the group are stacked, so x meets them in one matmul forward and one backward;
 - B's gradient is (A h)^T g without transposed copies, the scaling is folded into B^T once, the update is
   added with addmm (no separate product, scale and add passes);

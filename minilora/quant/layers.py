@@ -30,8 +30,8 @@ class _FrozenLinearFn(torch.autograd.Function):
     """y = x @ W.T + b with W = layer.dequantize(x.dtype), dequantized again in backward instead of saved.
 
     What bnb.matmul_4bit computes on CPU, for both layer types, without its per-call checks. Saving W for
-    backward would skip one dequantization (~5% of the layer's time, ~1-2% of a SmolLM2 QLoRA step) but
-    keep a dense copy of every quantized weight alive until backward: not worth it for QLoRA.
+    backward would skip one dequantization but keep a dense copy of every quantized weight alive until
+    backward: not worth it for QLoRA, whose point is memory.
     """
 
     @staticmethod
