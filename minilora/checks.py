@@ -80,9 +80,5 @@ def check_number(value: Any, name: str, *, low: float | None = None, high: float
         raise ValueError(f"{name} must be{' None or' if or_none else ''}{bounds}{finite}, got {value!r}")
 
 
-def check_positive_int(value: Any, name: str) -> None:
-    check_number(value, name, low=1, integer=True)
-
-
 def _show(x: float) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
