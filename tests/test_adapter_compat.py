@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 import minilora as ml
 from minilora.models.bert import BertConfig, BertForSequenceClassification
-from minilora.models.llama import LlamaConfig, LlamaForCausalLM
+from minilora.models.llama import LlamaForCausalLM
+from minilora.models.llama_config import LlamaConfig
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

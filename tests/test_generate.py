@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from minilora.generate import generate, warp_logits
-from minilora.models.llama import LlamaConfig, LlamaForCausalLM
+from minilora.models.llama import LlamaForCausalLM
+from minilora.models.llama_config import LlamaConfig
 
 transformers.logging.set_verbosity_error()
 

@@ -397,7 +397,8 @@ def test_save_pretrained_shards_and_replaces_an_earlier_save(tmp_path, llama_dir
 
 
 def test_save_pretrained_of_a_model_built_by_hand(tmp_path):
-    from minilora.models.llama import LlamaConfig, LlamaForCausalLM
+    from minilora.models.llama import LlamaForCausalLM
+    from minilora.models.llama_config import LlamaConfig
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**LLAMA, tie_word_embeddings=True)).eval()

@@ -57,7 +57,8 @@ VOCAB_SIZE = 4 + len(WORDS)
 
 def tiny_llama(seed: int = 0, dropout: float = 0.0, vocab_size: int = VOCAB_SIZE):
     """A 2-layer minilora Llama built from a config dict (hidden 32)."""
-    from minilora.models.llama import LlamaConfig, LlamaForCausalLM
+    from minilora.models.llama import LlamaForCausalLM
+    from minilora.models.llama_config import LlamaConfig
 
     torch.manual_seed(seed)
     config = LlamaConfig.from_dict({"model_type": "llama", "vocab_size": vocab_size, "hidden_size": 32,

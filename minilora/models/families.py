@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from minilora.models.llama import LlamaConfig, LlamaForCausalLM
+from minilora.models.llama import LlamaForCausalLM
+from minilora.models.llama_config import LlamaConfig
 
 _SLIDING = frozenset({"sliding_window", "layer_types"})
 
