@@ -40,3 +40,13 @@ def peft_twin(ml_model, base, peft_kwargs):
             key = key.replace(".modules_to_save", "").replace(".original_module", "")
             p.copy_(ours[key])
     return twin
+
+
+def trained_like(model):
+    """Give every trainable tensor random values, as if trained, so a lost tensor changes the outputs."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from lora_helpers import batch, tiny_bert_cls, tiny_llama
+from lora_helpers import batch, tiny_bert_cls, tiny_llama, trained_like
 from safetensors.torch import load_file, save_file
 
 import minilora as ml
@@ -14,16 +14,6 @@ def bert_inputs():
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 99, (3, 6), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-def trained_like(model):
-    """Give every trainable tensor random values, as if trained, so a lost tensor changes the outputs."""
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
 
 
 CASES = {

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from lora_helpers import peft_twin
+from lora_helpers import peft_twin, trained_like
 
 import minilora as ml
 from minilora.io.load import from_pretrained
@@ -252,15 +252,6 @@ def test_all_linear_skips_the_head_even_when_it_is_frozen(tmp_path):
     base, _ = load(save(hf_model("roberta", "ForSequenceClassification"), tmp_path))
     ours = ml.apply_lora(base, ml.LoraConfig(target_modules="all-linear"))
     assert not any(t.startswith("classifier") for t in lora_targets(ours)) and len(lora_targets(ours)) == 12
-
-
-def trained_like(model):
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -7,7 +7,7 @@ one fused op (`minilora.ops.lora_update`), shared by sibling layers fed one inpu
 calls `LoraLinear.forward_group`); tests hold the two equal in outputs and gradients. The base is an
 nn.Linear or a quantized layer (NF4/int8, `minilora.quant`).
 
-Where minilora differs from peft (the same results up to rounding and dropout draws):
+Where minilora and peft differ (the same results up to rounding and dropout draws):
 - The LoRA products run in the activation dtype (bf16 in a bf16 model; fp32 in a QLoRA model's fp32 residual
   stream, whose quantized bases compute in bf16); the factors stay fp32 master weights, cast per call, so
   their gradients and updates are fp32.

@@ -52,9 +52,20 @@ class PreTrainedModel(nn.Module):
         """The output head (LM head, classifier): kept out of "all-linear" and, by default, out of quantization."""
         return None
 
+    @torch.no_grad()
     def init_weights(self, module: nn.Module) -> None:
-        """Initialise a freshly created module (a task head the checkpoint lacks) as transformers would."""
-        raise NotImplementedError
+        """Initialise a freshly created module (a task head the checkpoint lacks) and its children as
+        transformers does by default: linear and embedding weights N(0, config.initializer_range), biases and
+        padding rows zero, anything else (norms) by its own `reset_parameters`. T5 has its own rules."""
+        for m in module.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, self.config.initializer_range)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    m.bias.zero_()
+                if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                    m.weight[m.padding_idx].zero_()
+            elif hasattr(m, "reset_parameters"):
+                m.reset_parameters()
 
     def init_non_persistent_buffers(self, device: torch.device | str) -> None:
         """(Re)compute buffers that checkpoints do not hold, e.g. rotary frequencies, after loading from meta."""

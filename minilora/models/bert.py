@@ -226,23 +226,6 @@ class BertPreTrainedModel(PreTrainedModel):
         """The bare encoder (the model itself for a `BertModel`)."""
         return getattr(self, self.base_model_prefix, self)
 
-    @torch.no_grad()
-    def init_weights(self, module: nn.Module) -> None:
-        """HF's BERT init for a freshly created module (and its children): N(0, initializer_range)."""
-        std = self.config.initializer_range
-        for m in module.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.normal_(0.0, std)
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.Embedding):
-                m.weight.normal_(0.0, std)
-                if m.padding_idx is not None:
-                    m.weight[m.padding_idx].zero_()
-            elif isinstance(m, nn.LayerNorm):
-                m.weight.fill_(1.0)
-                m.bias.zero_()
-
 
 class BertModel(BertPreTrainedModel):
     """The bare BERT encoder.

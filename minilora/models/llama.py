@@ -112,6 +112,9 @@ class LlamaRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(hidden_size) if unit_offset else torch.ones(hidden_size))
         self.variance_epsilon = eps
 
+    def reset_parameters(self) -> None:
+        (nn.init.zeros_ if self.unit_offset else nn.init.ones_)(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.unit_offset:  # Gemma: scaled by (1 + w) in fp32, rounded once at the end
             x32 = x.float()
@@ -378,21 +381,6 @@ class LlamaForCausalLM(PreTrainedModel):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
-
-    def init_weights(self, module: nn.Module) -> None:
-        """HF-style initialisation of a freshly created module."""
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.padding_idx is not None:
-                with torch.no_grad():
-                    module.weight[module.padding_idx].zero_()
-        elif isinstance(module, LlamaRMSNorm):
-            (nn.init.zeros_ if module.unit_offset else nn.init.ones_)(module.weight)
 
     def init_non_persistent_buffers(self, device: torch.device | str) -> None:
         """(Re)compute the rotary frequencies, e.g. after the loader materialised the model from `meta`."""
