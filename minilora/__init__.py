@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "from_pretrained": "io.load", "save_pretrained": "io.save",
     "load_tokenizer": "text.tokenizer", "Tokenizer": "text.tokenizer",
-    "QuantConfig": "quant.layers",
+    "QuantConfig": "quant.config",
     "resolve_device": "device",
     "data": None, "metrics": None, "models": None,
 }
