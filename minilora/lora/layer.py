@@ -153,8 +153,10 @@ class LoraLinear(nn.Module):
         """A plain nn.Linear equal to this layer (base dequantized, LoRA added in fp32), see `dense_linear`."""
         return dense_linear(self.base_layer, None if self.merged else self.delta_weight(), dtype, device)
 
-    # The base owns how its tensors are saved, loaded and moved (a quantized base keeps its quantization
-    # state beside the packed weight); the LoRA children are handled as usual.
+    # nn.Module internals, overridden because the base is not a child (see the class docstring: as a child its
+    # tensors would appear as `q_proj.base_layer.weight`): the base still owns how its tensors are saved,
+    # loaded and moved (a quantized base keeps its quantization state beside the packed weight); the LoRA
+    # children are handled as usual.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.base_layer._save_to_state_dict(destination, prefix, keep_vars)
 
