@@ -250,7 +250,7 @@ def fidelity_rows(section: str, case: str, pairs: dict[str, dict]) -> list[Row]:
     extra = ratios.get("minilora+autocast")
     rows = []
     peft = ratios.get("peft", [])
-    for k in sorted({1, 2, 3, 4, 8, n} & set(range(1, n + 1))):
+    for k in sorted({1, 2, 3, 4, 8, 12, 16, n} & set(range(1, n + 1))):
         note = f"reference: {ref[0] - ref[k]:.4f}"
         if extra and k <= len(extra):
             note += f"; minilora under bf16 autocast {extra[k - 1]:.3f}"
