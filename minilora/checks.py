@@ -8,8 +8,6 @@ import types
 import typing
 from typing import Any, Union
 
-_NONE = type(None)
-
 
 def matches_type(value: Any, annotation: Any) -> bool:
     """isinstance against a type hint (`int | None`, `list[int]`, `float`, ...). bool is not an int, and an int
@@ -19,26 +17,21 @@ def matches_type(value: Any, annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
         return any(matches_type(value, arg) for arg in typing.get_args(annotation))
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation in (int, float):
+        return isinstance(value, int if annotation is int else (int, float)) and not isinstance(value, bool)
     if origin in (list, tuple):
         (item, *_) = typing.get_args(annotation) or (Any,)
         return isinstance(value, origin) and all(matches_type(v, item) for v in value)
-    if origin is not None:
-        return isinstance(value, origin)
-    return isinstance(value, annotation)
+    return isinstance(value, origin or annotation)
 
 
 def type_name(annotation: Any) -> str:
+    """How an error message names a type hint: "int or None", "list[int]", "float"."""
     if typing.get_origin(annotation) in (Union, types.UnionType):
         return " or ".join(type_name(a) for a in typing.get_args(annotation))
-    if annotation is _NONE:
+    if annotation is type(None):
         return "None"
-    if typing.get_origin(annotation) is not None:
-        return str(annotation)
-    return getattr(annotation, "__name__", str(annotation))
+    return str(annotation) if typing.get_origin(annotation) else getattr(annotation, "__name__", str(annotation))
 
 
 def type_errors(cls: type, values: dict[str, Any]) -> list[str]:

@@ -68,12 +68,9 @@ def squad_metrics(predictions: Mapping[str, str], references: Mapping[str, Itera
     """
     if not references:
         raise ValueError("squad_metrics: no references given")
-    em = f1 = 0.0
-    for qid, gold in references.items():
-        pred = predictions.get(qid, "")
-        em += exact_match(pred, gold)
-        f1 += f1_score(pred, gold)
     n = len(references)
+    em = sum(exact_match(predictions.get(qid, ""), gold) for qid, gold in references.items())
+    f1 = sum(f1_score(predictions.get(qid, ""), gold) for qid, gold in references.items())
     return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1 / n}
 
 

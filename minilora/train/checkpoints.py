@@ -85,8 +85,7 @@ def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, state: T
             shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; what a failed save left otherwise
     if config.save_total_limit:
         for old in list_checkpoints(out_dir)[:-config.save_total_limit]:
             shutil.rmtree(old)
@@ -125,9 +124,7 @@ def data_fingerprint(data) -> str:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        return value.tolist()
-    return repr(value)
+    return value.tolist() if isinstance(value, (torch.Tensor, np.ndarray)) else repr(value)
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:
@@ -183,24 +180,22 @@ def checkpoint_problem(folder: Path) -> str | None:
 
 def load_trainer_state(checkpoint: Path, config: TrainConfig, world: int, n_examples: int,
                        fingerprint: str = "") -> TrainState:
+    """The TrainState saved in `checkpoint`; ValueError when resuming with this config, world size and number of
+    examples would change the data order, a warning when the data's `fingerprint` differs."""
     saved = _read_json(checkpoint / "trainer_state.json")
     saved_config = _read_json(checkpoint / "train_config.json")
-    changed = [f"{k}: {saved_config.get(k)} -> {getattr(config, k)}" for k in DATA_ORDER_KEYS
-               if saved_config.get(k) != getattr(config, k)]
-    if saved.get("world_size") != world:
-        changed.append(f"world_size: {saved.get('world_size')} -> {world}")
-    if saved.get("num_examples") != n_examples:
-        changed.append(f"number of training examples: {saved.get('num_examples')} -> {n_examples}")
+    before_after = {**{k: (saved_config.get(k), getattr(config, k)) for k in DATA_ORDER_KEYS},
+                    "world_size": (saved.get("world_size"), world),
+                    "number of training examples": (saved.get("num_examples"), n_examples)}
+    changed = [f"{k}: {before} -> {after}" for k, (before, after) in before_after.items() if before != after]
     if changed:
         raise ValueError(f"cannot resume exactly from {checkpoint}: the data order would change ({'; '.join(changed)})")
     if fingerprint and saved.get("data_fingerprint") not in (None, "", fingerprint):
         warnings.warn(f"resuming from {checkpoint} on different training data (same number of examples, other "
                       "content): the rest of the run will not match an uninterrupted one", stacklevel=3)
-    optional = {"grad_scaler"}  # absent from checkpoints written before fp16 training existed
-    state = TrainState(**{k: saved[k] for k in asdict(TrainState())
-                          if k != "data_fingerprint" and (k in saved or k not in optional)})
-    state.data_fingerprint = fingerprint
-    return state
+    # grad_scaler is absent from checkpoints written before fp16 training existed
+    restored = [k for k in asdict(TrainState()) if k != "data_fingerprint" and (k in saved or k != "grad_scaler")]
+    return TrainState(**{k: saved[k] for k in restored}, data_fingerprint=fingerprint)
 
 
 def _read_json(path: Path) -> Any:
@@ -223,6 +218,7 @@ def save_trainable_weights(model: nn.Module, folder: Path) -> None:
 
 
 def load_trainable_weights(model: nn.Module, folder: Path) -> None:
+    """Load what `save_trainable_weights` wrote; KeyError naming parameters the model does not have."""
     if (folder / "adapter_config.json").is_file():
         load_adapter(model, folder)
     file = folder / "trainable_params.safetensors"
@@ -254,10 +250,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# A state dict as two files: NAME.safetensors (its tensors) and NAME.json (everything else, with tensors
-# replaced by {"__tensor__": key}; tuples and non-string-keyed dicts tagged so they come back as they were).
-
 def write_tree(tree: Any, base: Path) -> None:
+    """A state dict as two files: BASE.safetensors (its tensors) and BASE.json (everything else, with tensors
+    replaced by {"__tensor__": key}; tuples and non-string-keyed dicts tagged so they come back as they were)."""
     tensors: dict[str, torch.Tensor] = {}
 
     def encode(obj: Any, path: str) -> Any:
@@ -281,6 +276,7 @@ def write_tree(tree: Any, base: Path) -> None:
 
 
 def read_tree(base: Path) -> Any:
+    """The tree `write_tree` wrote; CheckpointError when a file cannot be read."""
     try:
         tensors = load_file(f"{base}.safetensors")
     except (SafetensorError, OSError) as e:

@@ -2,21 +2,18 @@
 
 AdamW (torch or bitsandbytes 8-bit/paged), warmup + constant/linear/cosine schedule, gradient accumulation,
 clipping, bf16 autocast (or fp16 with loss scaling), periodic eval, JSONL metrics, atomic resumable
-checkpoints, and DDP under torchrun.
-
-Checkpoints (what they hold, how they are written) live in minilora/train/checkpoints.py.
+checkpoints (minilora/train/checkpoints.py), and DDP under torchrun.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import math
 import os
 import random
 import time
-from contextlib import nullcontext
-from functools import partial
+from contextlib import nullcontext, suppress
+from functools import partial, wraps
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,17 +25,9 @@ from torch import nn
 from minilora.data.collate import IGNORE_INDEX, Collator
 from minilora.device import resolve_device
 from minilora.models.gradient_checkpointing import enable_gradient_checkpointing
-from minilora.train.checkpoints import (
-    TrainState,
-    data_fingerprint,
-    find_checkpoint,
-    load_trainable_weights,
-    load_trainer_state,
-    read_tree,
-    remove_unfinished_checkpoints,
-    save_checkpoint,
-    set_rng_state,
-)
+from minilora.train.checkpoints import (TrainState, data_fingerprint, find_checkpoint, load_trainable_weights,
+                                        load_trainer_state, read_tree, remove_unfinished_checkpoints, save_checkpoint,
+                                        set_rng_state)
 from minilora.train.config import TrainConfig
 from minilora.train.optim import build_optimizer, lr_factor
 from minilora.train.output_lock import output_dir_lock
@@ -55,17 +44,15 @@ def seed_everything(seed: int) -> None:
 def _holding_output_dir(train_fn: Callable) -> Callable:
     """Run `train_fn` holding config.output_dir's lock (rank 0; the other ranks write nothing), after removing
     checkpoint folders a killed save left half-written."""
-    @functools.wraps(train_fn)
+    @wraps(train_fn)
     def wrapper(*args, **kwargs):
-        bound = inspect.signature(train_fn).bind(*args, **kwargs)
-        config = bound.arguments.get("config") or TrainConfig()
+        config = inspect.signature(train_fn).bind(*args, **kwargs).arguments.get("config") or TrainConfig()
         if not isinstance(config, TrainConfig):
             raise TypeError(f"train: config must be a minilora.TrainConfig, got {type(config).__name__}")
         if int(os.environ.get("RANK", "0")) != 0:
             return train_fn(*args, **kwargs)
-        out_dir = Path(config.output_dir)
-        with output_dir_lock(out_dir):
-            remove_unfinished_checkpoints(out_dir)
+        with output_dir_lock(Path(config.output_dir)):
+            remove_unfinished_checkpoints(Path(config.output_dir))
             return train_fn(*args, **kwargs)
     return wrapper
 
@@ -92,9 +79,7 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig | No
     if len(train_data) == 0:
         raise ValueError("train: train_data is empty")
     device, rank, world, created_group = _setup_distributed(config)
-    out_dir = Path(config.output_dir)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(config.output_dir)  # created by _holding_output_dir on rank 0
     seed_everything(config.seed)
     collate_fn = collate_fn or Collator(pad_token_id=getattr(getattr(model, "config", None), "pad_token_id", 0) or 0)
     if config.gradient_checkpointing:
@@ -106,11 +91,9 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig | No
         checkpoint = find_checkpoint(resume_from, out_dir)
         state = load_trainer_state(checkpoint, config, world, len(train_data), state.data_fingerprint)
         load_trainable_weights(model, checkpoint)
-    ddp_model = model
-    if world > 1:
-        device_ids = [device.index] if device.type == "cuda" else None
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=device_ids, find_unused_parameters=config.ddp_find_unused_parameters)
+    ddp_model = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=config.ddp_find_unused_parameters)
     optimizer = build_optimizer(model, config)
     scaler = _grad_scaler(model, config, device, state)
     if checkpoint:
@@ -124,7 +107,6 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig | No
     metrics_file = out_dir / "metrics.jsonl"
     if rank == 0:
         _trim_metrics(metrics_file, keep_up_to=state.global_step)
-    n_params = sum(p.numel() for p in model.parameters())
 
     from tqdm.auto import tqdm
     bar = tqdm(total=total_steps, initial=state.global_step, desc="train", dynamic_ncols=True,
@@ -151,8 +133,7 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig | No
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                        config.max_grad_norm or float("inf")).item()
             # fp16: inf/NaN gradients mean the loss scale was too high; GradScaler skips the update, lowers it
-            scale_overflow = config.fp16 and not math.isfinite(grad_norm)
-            if not (math.isfinite(step_loss) and (math.isfinite(grad_norm) or scale_overflow)):
+            if not math.isfinite(step_loss) or not (math.isfinite(grad_norm) or config.fp16):
                 last = f"{out_dir}/checkpoint-{last_save_step}" if last_save_step > 0 else "none saved yet"
                 raise FloatingPointError(
                     f"training diverged at step {state.global_step + 1} (epoch {state.epoch}): loss={step_loss}, "
@@ -207,12 +188,10 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig | No
                "train_loss": state.loss_sum / max(state.global_step, 1), "train_runtime": runtime,
                "train_steps_per_second": (state.global_step - start_step) / runtime,
                "train_samples_per_second": (state.samples_seen - start_samples) / runtime,
-               "total_flos": 6 * n_params * state.tokens_seen, **eval_metrics}
+               "total_flos": 6 * sum(p.numel() for p in model.parameters()) * state.tokens_seen, **eval_metrics}
     if rank == 0 and config.plot and metrics_file.is_file():
-        try:
+        with suppress(ImportError):  # matplotlib is an optional extra
             plot_metrics(metrics_file, out_dir / "loss.png")
-        except ImportError:
-            pass  # matplotlib is an optional extra
     if created_group:
         dist.destroy_process_group()
     return summary
@@ -247,18 +226,15 @@ def evaluate(model: nn.Module, data: Sequence[dict], *, batch_size: int = 8, col
         loss, targets = _field(out, "loss"), loss_targets(model, batch)
         if loss is not None and targets:
             loss_sum, count = loss_sum + loss.float().item() * targets, count + targets
-        if compute_metrics is not None:
-            for name in ("logits", "start_logits", "end_logits"):
-                value = _field(out, name)
-                if value is not None:
-                    rows = outputs.setdefault(name, {})
-                    for row, i in enumerate(chunk):
-                        rows[i] = _unpad(value[row].float().cpu().numpy(), data[i], batch)
+        for name in ("logits", "start_logits", "end_logits") if compute_metrics is not None else ():
+            value = _field(out, name)
+            if value is not None:
+                outputs.setdefault(name, {}).update(
+                    {i: _unpad(value[row].float().cpu().numpy(), data[i], batch) for row, i in enumerate(chunk)})
     model.train(was_training)
 
-    totals = torch.tensor([loss_sum, count], dtype=torch.float64)  # on the host: MPS has no float64
+    totals = _all_reduce_sum(torch.tensor([loss_sum, count], dtype=torch.float64), device, world)
     if world > 1:
-        totals = _all_reduce_sum(totals, device)
         gathered = [None] * world
         dist.all_gather_object(gathered, outputs)
         outputs = {name: {i: a for part in gathered for i, a in part.get(name, {}).items()} for name in outputs}
@@ -270,7 +246,7 @@ def evaluate(model: nn.Module, data: Sequence[dict], *, batch_size: int = 8, col
     return metrics
 
 
-# --- helpers: devices, data order, checkpoint files ----------------------------------------------------------
+# --- helpers: devices, data order, loss weighting, metrics.jsonl -------------------------------------------------
 
 def _setup_distributed(config: TrainConfig) -> tuple[torch.device, int, int, bool]:
     """(device, rank, world_size, whether we created the process group). torchrun sets WORLD_SIZE etc."""
@@ -293,9 +269,8 @@ def _epoch_groups(n: int, epoch: int, config: TrainConfig, rank: int, world: int
     order is padded to a multiple of the world size and dealt out round-robin (DistributedSampler's rule),
     so the ranks' k-th micro-batches together form the k-th global batch.
     """
-    order = list(range(n))
-    if config.shuffle:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch)).tolist()
+    order = (torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch)).tolist()
+             if config.shuffle else list(range(n)))
     if world > 1:
         order += order[:math.ceil(n / world) * world - n]
         order = order[rank::world]
@@ -307,11 +282,10 @@ def _epoch_groups(n: int, epoch: int, config: TrainConfig, rank: int, world: int
 def _grad_scaler(model: nn.Module, config: TrainConfig, device: torch.device, state: TrainState
                  ) -> torch.amp.GradScaler:
     """fp16's loss scaling (a no-op object otherwise), restored from a checkpoint's state."""
-    if config.fp16:
-        half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
-        if half:
-            raise ValueError(f"TrainConfig.fp16 computes in fp16 but updates fp32 parameters; these trainable "
-                             f"parameters are float16: {half[:5]}. Keep them in fp32 (LoRA factors are), or use bf16")
+    half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if config.fp16 and half:
+        raise ValueError(f"TrainConfig.fp16 computes in fp16 but updates fp32 parameters; these trainable "
+                         f"parameters are float16: {half[:5]}. Keep them in fp32 (LoRA factors are), or use bf16")
     scaler = torch.amp.GradScaler(device.type, enabled=config.fp16)
     if config.fp16 and state.grad_scaler:
         scaler.load_state_dict(state.grad_scaler)
@@ -329,13 +303,10 @@ def _forward_backward(ddp_model: nn.Module, model: nn.Module, micro_batches: lis
     """
     batches = [collate_fn(features) for features in micro_batches]
     counts = [loss_targets(model, batch) for batch in batches]  # on the CPU, before any forward
-    step_targets = torch.tensor([float(sum(counts))], dtype=torch.float64)
-    if world > 1:
-        step_targets = _all_reduce_sum(step_targets, device)
-    total = step_targets.item()
+    total = _all_reduce_sum(torch.tensor([float(sum(counts))], dtype=torch.float64), device, world).item()
     if total == 0:
         raise ValueError("an optimizer step has no label token to learn (every label is -100): check the data")
-    totals = torch.zeros(4, dtype=torch.float64)  # on the host: MPS has no float64
+    totals = torch.zeros(4, dtype=torch.float64)
     for i, (batch, count) in enumerate(zip(batches, counts, strict=True)):
         batch = {k: v.to(device) for k, v in batch.items()}
         sync = world == 1 or i == len(batches) - 1
@@ -351,21 +322,19 @@ def _forward_backward(ddp_model: nn.Module, model: nn.Module, micro_batches: lis
                 sum(p.sum() for p in model.parameters() if p.requires_grad).mul(0.0).backward()
         totals += torch.tensor([loss.item() * count if count else 0.0, 0.0, _count_tokens(batch),
                                 len(micro_batches[i])], dtype=torch.float64)
-    if world > 1:
-        totals = _all_reduce_sum(totals, device)
+    totals = _all_reduce_sum(totals, device, world)
     totals[1] = total
     return totals
 
 
-def _all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The sum over all ranks of a small host tensor of counts and sums (float64: exact); NCCL reduces only
-    tensors on the GPU, so there it travels through `device`."""
-    if dist.get_backend() == "nccl":
-        values = values.to(device)
-        dist.all_reduce(values)
-        return values.cpu()
-    dist.all_reduce(values)
-    return values
+def _all_reduce_sum(values: torch.Tensor, device: torch.device, world: int) -> torch.Tensor:
+    """The sum over all ranks of a small host tensor of counts and sums (float64: exact; on the host: MPS has no
+    float64). NCCL reduces only tensors on the GPU, so there it travels through `device`."""
+    if world == 1:
+        return values
+    on_backend = values.to(device) if dist.get_backend() == "nccl" else values
+    dist.all_reduce(on_backend)
+    return on_backend.cpu()
 
 
 def loss_targets(model: nn.Module, batch: dict) -> int:
@@ -408,14 +377,14 @@ def _append_jsonl(path: Path, record: dict) -> None:
 def _trim_metrics(path: Path, keep_up_to: int) -> None:
     """Start metrics.jsonl afresh, keeping (on resume) the records up to the resumed step. A last line torn by a
     kill in the middle of a write is dropped; a corrupt earlier line is an error naming it."""
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() and keep_up_to else []
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() and keep_up_to else ""
+    lines = text.rstrip().splitlines()  # the last line is the one a kill may have torn
     kept = []
     for i, line in enumerate(lines):
         try:
             record = json.loads(line) if line.strip() else None
         except json.JSONDecodeError as e:
-            if i == last:
+            if i == len(lines) - 1:
                 break
             raise ValueError(f"{path}:{i + 1}: not a JSON metrics record ({e})") from None
         if isinstance(record, dict) and record.get("step", 0) <= keep_up_to:

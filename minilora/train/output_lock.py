@@ -13,7 +13,7 @@ import os
 import socket
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 LOCK_NAME = ".minilora.lock"
@@ -29,14 +29,12 @@ def output_dir_lock(out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK_NAME
     fd = _acquire(path)
-    if fd is None:
-        yield
-        return
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)  # while still locked: a waiting opener then sees a new file, not ours
-        os.close(fd)
+        if fd is not None:
+            path.unlink(missing_ok=True)  # while still locked: a waiting opener then sees a new file, not ours
+            os.close(fd)
 
 
 def _acquire(path: Path) -> int | None:
@@ -53,12 +51,9 @@ def _acquire(path: Path) -> int | None:
             warnings.warn(f"cannot lock {path} ({e}): nothing stops a second run from writing to this output_dir",
                           stacklevel=4)
             return None
-        try:
-            same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same_file = False
-        if same_file:
-            break
+        with suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
         os.close(fd)  # the holder removed the file between our open and our lock: try the new one
     previous = os.read(fd, 4096)
     if _names_a_live_process(previous):  # a holder without flock (a file system that ignores it)
