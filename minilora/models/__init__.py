@@ -17,39 +17,19 @@ class ModelFamily:
     default_task: str
 
 
+def _encoder(module: str, name: str) -> ModelFamily:
+    """A BERT-like encoder family: the bare model and its two task heads, under HF's class names."""
+    return ModelFamily(module, f"{name}Config", {"base": f"{name}Model",
+                                                 "sequence-classification": f"{name}ForSequenceClassification",
+                                                 "question-answering": f"{name}ForQuestionAnswering"}, "base")
+
+
 FAMILIES: dict[str, ModelFamily] = {
     "llama": ModelFamily("minilora.models.llama", "LlamaConfig", {"causal-lm": "LlamaForCausalLM"}, "causal-lm"),
-    "bert": ModelFamily(
-        "minilora.models.bert",
-        "BertConfig",
-        {
-            "base": "BertModel",
-            "sequence-classification": "BertForSequenceClassification",
-            "question-answering": "BertForQuestionAnswering",
-        },
-        "base",
-    ),
+    "bert": _encoder("minilora.models.bert", "Bert"),
     "t5": ModelFamily("minilora.models.t5", "T5Config", {"seq2seq": "T5ForConditionalGeneration"}, "seq2seq"),
-    "roberta": ModelFamily(
-        "minilora.models.roberta",
-        "RobertaConfig",
-        {
-            "base": "RobertaModel",
-            "sequence-classification": "RobertaForSequenceClassification",
-            "question-answering": "RobertaForQuestionAnswering",
-        },
-        "base",
-    ),
-    "xlm-roberta": ModelFamily(
-        "minilora.models.roberta",
-        "XLMRobertaConfig",
-        {
-            "base": "XLMRobertaModel",
-            "sequence-classification": "XLMRobertaForSequenceClassification",
-            "question-answering": "XLMRobertaForQuestionAnswering",
-        },
-        "base",
-    ),
+    "roberta": _encoder("minilora.models.roberta", "Roberta"),
+    "xlm-roberta": _encoder("minilora.models.roberta", "XLMRoberta"),
     # Decoders that are Llama with a few config switches (minilora/models/families.py).
     **{model_type: ModelFamily("minilora.models.families", config, {"causal-lm": model}, "causal-lm")
        for model_type, config, model in [
@@ -70,47 +50,26 @@ REFUSED_MODEL_TYPES = {
               "gemma-3-270m), so use one of those or save the language model alone first",
 }
 
-# HF class names found in config.json "architectures" -> minilora task. Heads minilora lacks (masked LM,
-# pre-training) map to the base model: their extra head tensors are dropped with a warning on load.
+# HF class names found in config.json "architectures" -> minilora task: minilora's classes (named as HF's) and
+# the HF classes minilora lacks. Bare decoders map to the causal LM, masked-LM and pre-training heads to the
+# base model (their extra head tensors are dropped with a warning on load).
 ARCHITECTURE_TASKS = {
-    "LlamaForCausalLM": "causal-lm",
-    "LlamaModel": "causal-lm",
-    **{f"{name}{suffix}": "causal-lm" for name in ("Qwen2", "Qwen3", "Mistral", "Gemma", "Gemma2", "Gemma3", "Phi3")
-       for suffix in ("ForCausalLM", "Model")},
-    "BertModel": "base",
-    "BertForMaskedLM": "base",
+    **{name: task for family in FAMILIES.values() for task, name in family.tasks.items()},
+    **{f"{name}Model": "causal-lm"
+       for name in ("Llama", "Qwen2", "Qwen3", "Mistral", "Gemma", "Gemma2", "Gemma3", "Phi3")},
+    **{f"{name}ForMaskedLM": "base" for name in ("Bert", "Roberta", "XLMRoberta")},
     "BertForPreTraining": "base",
-    "BertForSequenceClassification": "sequence-classification",
-    "BertForQuestionAnswering": "question-answering",
-    "RobertaModel": "base",
-    "RobertaForMaskedLM": "base",
-    "RobertaForSequenceClassification": "sequence-classification",
-    "RobertaForQuestionAnswering": "question-answering",
-    "XLMRobertaModel": "base",
-    "XLMRobertaForMaskedLM": "base",
-    "XLMRobertaForSequenceClassification": "sequence-classification",
-    "XLMRobertaForQuestionAnswering": "question-answering",
-    "T5ForConditionalGeneration": "seq2seq",
     "T5WithLMHeadModel": "seq2seq",
     "T5Model": "seq2seq",
 }
 
 # Other spellings users reach for (peft TaskType values, pipeline names) -> canonical task.
 TASK_ALIASES = {
-    "causal-lm": "causal-lm",
-    "text-generation": "causal-lm",
-    "seq2seq": "seq2seq",
-    "seq-2-seq-lm": "seq2seq",
-    "seq2seq-lm": "seq2seq",
-    "text2text-generation": "seq2seq",
-    "base": "base",
-    "feature-extraction": "base",
-    "sequence-classification": "sequence-classification",
-    "seq-cls": "sequence-classification",
-    "text-classification": "sequence-classification",
-    "question-answering": "question-answering",
-    "question-ans": "question-answering",
-    "qa": "question-answering",
+    **dict.fromkeys(("causal-lm", "text-generation"), "causal-lm"),
+    **dict.fromkeys(("seq2seq", "seq-2-seq-lm", "seq2seq-lm", "text2text-generation"), "seq2seq"),
+    **dict.fromkeys(("base", "feature-extraction"), "base"),
+    **dict.fromkeys(("sequence-classification", "seq-cls", "text-classification"), "sequence-classification"),
+    **dict.fromkeys(("question-answering", "question-ans", "qa"), "question-answering"),
 }
 
 

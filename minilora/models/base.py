@@ -67,7 +67,7 @@ class PreTrainedModel(nn.Module):
             elif hasattr(m, "reset_parameters"):
                 m.reset_parameters()
 
-    def init_non_persistent_buffers(self, device: torch.device | str) -> None:
+    def init_non_persistent_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)compute buffers that checkpoints do not hold, e.g. rotary frequencies, after loading from meta."""
 
     @property

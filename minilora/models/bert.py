@@ -122,23 +122,19 @@ class BertSelfAttention(nn.Module):
         self.dropout_p = config.attention_probs_dropout_prob
 
     def forward(self, x: torch.Tensor, mask_bias: torch.Tensor | None) -> torch.Tensor:
-        batch, seq_len, _ = x.shape
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-
-        q, k, v = (heads(t) for t in linear_group(x, self.query, self.key, self.value))
+        q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+                   for t in linear_group(x, self.query, self.key, self.value))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias,
                                              dropout_p=self.dropout_p if self.training else 0.0)
-        return out.transpose(1, 2).reshape(batch, seq_len, -1)
+        return out.transpose(1, 2).flatten(2)
 
 
 class BertSelfOutput(nn.Module):
-    """Projection + dropout + post-norm residual (used after attention)."""
+    """Projection (from `in_features`, default hidden_size) + dropout + post-norm residual, after attention."""
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, in_features: int | None = None):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features or config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -166,17 +162,11 @@ class BertIntermediate(nn.Module):
         return self.act(self.dense(x))
 
 
-class BertOutput(nn.Module):
-    """Feed-forward down projection + dropout + post-norm residual."""
+class BertOutput(BertSelfOutput):
+    """The same after the feed-forward: down projection from intermediate_size + dropout + post-norm residual."""
 
     def __init__(self, config: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+        super().__init__(config, config.intermediate_size)
 
 
 class BertLayer(nn.Module):
@@ -226,6 +216,9 @@ class BertPreTrainedModel(PreTrainedModel):
         """The bare encoder (the model itself for a `BertModel`)."""
         return getattr(self, self.base_model_prefix, self)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.base_model.embeddings.word_embeddings
+
 
 class BertModel(BertPreTrainedModel):
     """The bare BERT encoder.
@@ -245,9 +238,6 @@ class BertModel(BertPreTrainedModel):
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embeddings.word_embeddings
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> BertModelOutput:
@@ -258,9 +248,7 @@ class BertModel(BertPreTrainedModel):
 
 
 class BertForSequenceClassification(BertPreTrainedModel):
-    """BERT + dropout + linear classifier on the pooled output. Loss like HF: MSE when num_labels == 1,
-    cross-entropy for integer labels, BCE-with-logits for float multi-label targets (or as `problem_type` says).
-    """
+    """BERT + dropout + linear classifier on the pooled output; the loss is HF's (`classification_loss`)."""
 
     new_head_prefixes = ("classifier.",)
 
@@ -272,9 +260,6 @@ class BertForSequenceClassification(BertPreTrainedModel):
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.bert.get_input_embeddings()
 
     def get_output_embeddings(self) -> nn.Module:
         return self.classifier
@@ -305,9 +290,7 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type
     logits = logits.float()
     if problem_type == "regression":
         labels = labels.to(logits.dtype)
-        if num_labels == 1:
-            return F.mse_loss(logits.squeeze(), labels.squeeze())
-        return F.mse_loss(logits, labels)
+        return F.mse_loss(logits.squeeze(), labels.squeeze()) if num_labels == 1 else F.mse_loss(logits, labels)
     if problem_type == "single_label_classification":
         return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
@@ -329,9 +312,6 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         self.config = config
         setattr(self, self.base_model_prefix, self.encoder_class(config, add_pooling_layer=False))
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.base_model.get_input_embeddings()
 
     def get_output_embeddings(self) -> nn.Module:
         return self.qa_outputs

@@ -16,24 +16,6 @@ from minilora.models.llama_config import LlamaConfig
 _SLIDING = frozenset({"sliding_window", "layer_types"})
 
 
-def _refuse(d: dict, key: str, why: str) -> None:
-    if d.get(key):
-        raise ValueError(f"config.json {key}={d[key]!r} is not supported by minilora's {d.get('model_type')} model: "
-                         f"{why}")
-
-
-def _qwen_sliding_layers(d: dict) -> dict:
-    """Qwen's sliding window is on only with use_sliding_window, and then for layers >= max_window_layers."""
-    if not d.get("use_sliding_window"):
-        return {**d, "sliding_window": None, "layer_types": d.get("layer_types")
-                if d.get("layer_types") and "sliding_attention" not in d["layer_types"] else None}
-    if d.get("layer_types") is None:
-        first = d.get("max_window_layers", 28)
-        d = {**d, "layer_types": ["sliding_attention" if d.get("sliding_window") and i >= first else "full_attention"
-                                  for i in range(d["num_hidden_layers"])]}
-    return d
-
-
 @dataclass
 class Qwen2Config(LlamaConfig):
     """Qwen2 / Qwen2.5 / DeepSeek-R1-Distill-Qwen: bias on q/k/v (not o_proj); optional sliding window."""
@@ -50,7 +32,15 @@ class Qwen2Config(LlamaConfig):
 
     @classmethod
     def normalized(cls, d: dict) -> dict:
-        return _qwen_sliding_layers(d)
+        """Qwen's sliding window is on only with use_sliding_window, and then for layers >= max_window_layers."""
+        if not d.get("use_sliding_window"):
+            return {**d, "sliding_window": None, "layer_types": d.get("layer_types")
+                    if d.get("layer_types") and "sliding_attention" not in d["layer_types"] else None}
+        if d.get("layer_types") is None:
+            first = d.get("max_window_layers", 28)
+            d = {**d, "layer_types": ["sliding_attention" if d.get("sliding_window") and i >= first
+                                      else "full_attention" for i in range(d["num_hidden_layers"])]}
+        return d
 
 
 @dataclass
@@ -94,7 +84,10 @@ class GemmaConfig(LlamaConfig):
 
     @classmethod
     def normalized(cls, d: dict) -> dict:
-        _refuse(d, "use_bidirectional_attention", "only causal attention is implemented")
+        if d.get("use_bidirectional_attention"):
+            raise ValueError(f"config.json use_bidirectional_attention={d['use_bidirectional_attention']!r} is not "
+                             f"supported by minilora's {d.get('model_type')} model: only causal attention is "
+                             "implemented")
         if d.get("hidden_act") == "gelu":  # old Gemma releases say "gelu" and mean the tanh approximation
             d = {**d, "hidden_act": "gelu_pytorch_tanh"}
         return d

@@ -182,11 +182,16 @@ class LlamaAttention(nn.Module):
         q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if past_kv is not None:
             k, v = torch.cat((past_kv[0], k), dim=2), torch.cat((past_kv[1], v), dim=2)
-        new_kv = (k, v)
         dropout = self.attention_dropout if self.training else 0.0
         if self.softcap is not None:
             out = softcapped_attention(q, k, v, mask, self.scaling, self.softcap, dropout)
-            return gemm.apply_linear(self.o_proj, out.transpose(1, 2).reshape(batch, seq, -1)), new_kv
+        else:
+            out = self.masked_attention(q, k, v, mask, dropout, cached=past_kv is not None)
+        return gemm.apply_linear(self.o_proj, out.transpose(1, 2).reshape(batch, seq, -1)), (k, v)
+
+    def masked_attention(self, q, k, v, mask, dropout: float, cached: bool) -> torch.Tensor:
+        """Attention under `mask` (as `attention_mask_4d` returns it; None: causal): minilora's kernel when
+        training on the CPU without a cache or dropout (SDPA's CPU backward is slower), SDPA otherwise."""
         sees_nothing = None
         if mask is not None:
             # A left-padding query may see no key at all. Softmax over nothing is NaN on some backends, so
@@ -194,18 +199,16 @@ class LlamaAttention(nn.Module):
             sees_nothing = ~mask.any(dim=-1, keepdim=True)
             mask = mask | sees_nothing
         training_on_cpu = q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or v.requires_grad)
-        if training_on_cpu and past_kv is None and dropout == 0:
-            out = attention(q, k, v, mask, scale=self.scaling)  # SDPA's CPU backward is slower
+        if training_on_cpu and not cached and dropout == 0:
+            out = attention(q, k, v, mask, scale=self.scaling)
         else:
             if not SDPA_HAS_GQA:
                 groups = self.num_heads // self.num_kv_heads  # each key/value head serves `groups` query heads
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             gqa = {"enable_gqa": True} if SDPA_HAS_GQA and self.num_heads != self.num_kv_heads else {}
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
                                                  dropout_p=dropout, scale=self.scaling, **gqa)
-        if sees_nothing is not None:
-            out = out.masked_fill(sees_nothing, 0.0)
-        return gemm.apply_linear(self.o_proj, out.transpose(1, 2).reshape(batch, seq, -1)), new_kv
+        return out if sees_nothing is None else out.masked_fill(sees_nothing, 0.0)
 
 
 class LlamaMLP(nn.Module):
@@ -334,15 +337,9 @@ class LlamaForCausalLM(PreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        past_key_values: KVCache | None = None,
-        use_cache: bool = False,
-        labels: torch.Tensor | None = None,
-    ) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values: KVCache | None = None,
+                use_cache: bool = False, labels: torch.Tensor | None = None) -> ModelOutput:
         """Logits (batch, seq, vocab); with `labels`, the next-token cross-entropy (-100 = ignore, token mean).
 
         `attention_mask` (batch, past + seq) is 1 for real tokens, 0 for padding. With `use_cache`, the
@@ -355,9 +352,7 @@ class LlamaForCausalLM(PreTrainedModel):
         if self.config.final_logit_softcapping is not None:
             cap = self.config.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, past_key_values=cache)
 
     @property

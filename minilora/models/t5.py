@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -23,69 +22,12 @@ from torch import nn
 from minilora.ops import gemm
 from minilora.models.gradient_checkpointing import run_block
 from minilora.models.base import ACTIVATIONS, PreTrainedModel, padding_mask_to_bias
+from minilora.models.t5_config import T5Config
 from minilora.models.inputs import checked_token_ids
 from minilora.models.outputs import ModelOutput
 from minilora.ops.linear_group import linear_group
 
 DecoderCache = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class T5Config:
-    """The subset of HF's `T5Config` (config.json keys, same names and defaults) that minilora uses.
-
-    `dense_act_fn` / `is_gated_act` are derived from `feed_forward_proj` ("relu", "gated-gelu", "gated-silu",
-    ...) unless config.json states them. `scale_decoder_outputs` (the d_model**-0.5 before the LM head)
-    defaults to `tie_word_embeddings`, as in HF.
-    """
-
-    vocab_size: int = 32128
-    d_model: int = 512
-    d_kv: int = 64
-    d_ff: int = 2048
-    num_layers: int = 6
-    num_decoder_layers: int | None = None
-    num_heads: int = 8
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
-    dropout_rate: float = 0.1
-    layer_norm_epsilon: float = 1e-6
-    initializer_factor: float = 1.0
-    feed_forward_proj: str = "relu"
-    dense_act_fn: str | None = None
-    is_gated_act: bool | None = None
-    tie_word_embeddings: bool = True
-    scale_decoder_outputs: bool | None = None
-    pad_token_id: int = 0
-    eos_token_id: int | list[int] | None = 1
-    decoder_start_token_id: int | None = None
-    raw: dict = field(default_factory=dict, repr=False)
-
-    def __post_init__(self):
-        if self.num_decoder_layers is None:
-            self.num_decoder_layers = self.num_layers
-        parts = self.feed_forward_proj.split("-")
-        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
-            raise ValueError(f"T5Config: feed_forward_proj {self.feed_forward_proj!r} must be 'ACT' or "
-                             "'gated-ACT', e.g. 'relu' or 'gated-gelu'")
-        if self.dense_act_fn is None:
-            # HF maps "gated-gelu" to the tanh approximation for backward compatibility with T5 v1.1.
-            self.dense_act_fn = "gelu_new" if self.feed_forward_proj == "gated-gelu" else parts[-1]
-        if self.is_gated_act is None:
-            self.is_gated_act = parts[0] == "gated"
-        if self.dense_act_fn not in ACTIVATIONS:
-            raise ValueError(f"T5Config: activation {self.dense_act_fn!r} is not supported; "
-                             f"expected one of {sorted(ACTIVATIONS)}")
-        if self.scale_decoder_outputs is None:
-            self.scale_decoder_outputs = self.tie_word_embeddings is not False
-        if self.decoder_start_token_id is None:
-            self.decoder_start_token_id = self.pad_token_id  # T5 starts decoding from the pad token
-
-    @classmethod
-    def from_dict(cls, d: dict) -> T5Config:
-        """Read an HF config.json dict; unknown keys are ignored (and kept in `raw`)."""
-        known = {f.name for f in fields(cls)} - {"raw"}
-        return cls(**{k: v for k, v in d.items() if k in known}, raw=dict(d))
 
 
 def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
@@ -239,9 +181,8 @@ class T5Block(nn.Module):
             self.layer.append(T5LayerCrossAttention(config))
         self.layer.append(T5LayerFF(config))
 
-    def forward(self, x: torch.Tensor, self_bias: torch.Tensor | None,
-                encoder_states: torch.Tensor | None = None, cross_bias: torch.Tensor | None = None,
-                past: tuple[torch.Tensor, ...] | None = None):
+    def forward(self, x: torch.Tensor, self_bias: torch.Tensor | None, encoder_states: torch.Tensor | None = None,
+                cross_bias: torch.Tensor | None = None, past: tuple[torch.Tensor, ...] | None = None):
         """Returns (hidden states, this block's cache entry: (self_k, self_v, cross_k, cross_v) or ())."""
         x, self_kv = self.layer[0](x, self_bias, past_kv=past[:2] if past is not None else None)
         if not self.is_decoder:
@@ -270,10 +211,9 @@ class T5Stack(nn.Module):
         key_len = past_len + query_len
         bias = self.block[0].layer[0].SelfAttention.compute_bias(query_len, key_len, past_len,
                                                                  bidirectional=not self.is_decoder)
-        allowed = torch.ones(1, 1, query_len, key_len, dtype=torch.bool, device=bias.device)
-        if self.is_decoder:
-            query_pos = torch.arange(past_len, key_len, device=bias.device)[:, None]
-            allowed = allowed & (torch.arange(key_len, device=bias.device)[None, :] <= query_pos)
+        allowed = torch.ones(query_len, key_len, dtype=torch.bool, device=bias.device)
+        if self.is_decoder:  # query i sits at position past_len + i
+            allowed = allowed.tril(diagonal=past_len)
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (batch, key_len):
                 name = "decoder_attention_mask" if self.is_decoder else "attention_mask"
@@ -284,8 +224,7 @@ class T5Stack(nn.Module):
         return bias.masked_fill(~allowed, torch.finfo(bias.dtype).min)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                encoder_hidden_states: torch.Tensor | None = None,
-                encoder_attention_mask: torch.Tensor | None = None,
+                encoder_hidden_states: torch.Tensor | None = None, encoder_attention_mask: torch.Tensor | None = None,
                 past_key_values: DecoderCache | None = None, use_cache: bool = False):
         """Returns (last hidden state after the final norm, new decoder cache or None)."""
         if past_key_values is not None and len(past_key_values) != len(self.block):
@@ -302,8 +241,7 @@ class T5Stack(nn.Module):
             past = past_key_values[i] if past_key_values else None
             x, present = run_block(self, block, x, self_bias, encoder_hidden_states, cross_bias, past)
             cache.append(present)
-        x = self.dropout(self.final_layer_norm(x))
-        return x, (cache if use_cache else None)
+        return self.dropout(self.final_layer_norm(x)), (cache if use_cache else None)
 
 
 class T5ForConditionalGeneration(PreTrainedModel):
@@ -327,17 +265,14 @@ class T5ForConditionalGeneration(PreTrainedModel):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
 
-    # --- loader hooks -------------------------------------------------------------------------------------
     def tied_weight_keys(self) -> list[str]:
         keys = ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
         return keys + (["lm_head.weight"] if self.config.tie_word_embeddings else [])
 
     def tie_weights(self) -> None:
-        """Point the stacks' embeddings (and, when tied, lm_head) at `shared.weight` again.
-
-        A copy loaded from the checkpoint must equal `shared.weight`: for the embeddings a different one is an
-        error; for lm_head, like transformers, a different one is kept (untied) with a warning.
-        """
+        """Point the stacks' embeddings (and, when tied, lm_head) at `shared.weight` again. A copy loaded from
+        the checkpoint must equal it: a different embedding is an error; a different lm_head is kept (untied)
+        with a warning, as transformers does."""
         shared = self.shared.weight
         for name in ("encoder", "decoder"):
             embed = getattr(self, name).embed_tokens
@@ -357,9 +292,6 @@ class T5ForConditionalGeneration(PreTrainedModel):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
-
-    def init_non_persistent_buffers(self, device: torch.device | str | None = None) -> None:
-        """T5 has no computed buffers (the relative position buckets are built per call)."""
 
     @torch.no_grad()
     def init_weights(self, module: nn.Module) -> None:
@@ -381,7 +313,6 @@ class T5ForConditionalGeneration(PreTrainedModel):
                 if hasattr(m, "relative_attention_bias"):
                     m.relative_attention_bias.weight.normal_(0.0, factor * d_model ** -0.5)
 
-    # --- forward ------------------------------------------------------------------------------------------
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Shift labels right, start with decoder_start_token_id, and replace -100 by the pad id."""
         if self.config.decoder_start_token_id is None or self.config.pad_token_id is None:
@@ -396,8 +327,7 @@ class T5ForConditionalGeneration(PreTrainedModel):
         return self.encoder(input_ids, attention_mask)[0]
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                decoder_input_ids: torch.Tensor | None = None,
-                decoder_attention_mask: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
                 encoder_outputs: torch.Tensor | None = None, past_key_values: DecoderCache | None = None,
                 use_cache: bool = False, labels: torch.Tensor | None = None) -> ModelOutput:
         """Encode (unless `encoder_outputs` is given) and decode. Without decoder_input_ids they are built
@@ -415,10 +345,8 @@ class T5ForConditionalGeneration(PreTrainedModel):
                                      past_key_values, use_cache)
         scaled = hidden * self.config.d_model ** -0.5 if self.config.scale_decoder_outputs else hidden
         logits = gemm.apply_linear(self.lm_head, scaled)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1).to(logits.device),
-                                   ignore_index=-100)
+        loss = None if labels is None else F.cross_entropy(
+            logits.float().view(-1, logits.shape[-1]), labels.view(-1).to(logits.device), ignore_index=-100)
         return ModelOutput(loss=loss, logits=logits, last_hidden_state=hidden,
                            encoder_last_hidden_state=encoder_outputs, past_key_values=cache)
 
