@@ -25,18 +25,11 @@ from minilora.device import resolve_device
 from minilora.io import config_checks as load_checks
 from minilora.io.config_checks import MAX_NUM_LABELS, key_list
 from minilora.io.hub import resolve_model_dir
-from minilora.io.safetensors_file import (  # noqa: F401
-    Checkpoint,
-    CheckpointError,
-    LazyTensor,
-    SafetensorsFile,
-    load_safetensors,
-    save_safetensors,
-)
+from minilora.io.safetensors_file import (  # noqa: F401 (re-exported: callers import them from minilora.io.load)
+    Checkpoint, CheckpointError, LazyTensor, SafetensorsFile, load_safetensors, save_safetensors)
 from minilora.models import model_classes
 from minilora import quant
-from minilora.quant import QuantConfig
-from minilora.quant import format as quant_format
+from minilora.quant import QuantConfig, format as quant_format
 
 # Checkpoint tensors every HF architecture recomputes from the config (old checkpoints saved them).
 ALWAYS_IGNORED_KEYS = (r"(^|\.)position_ids$", r"(^|\.)rotary_emb\.inv_freq$", r"(^|\.)inv_freq$")
@@ -95,7 +88,7 @@ def from_pretrained(path_or_id: str | os.PathLike, task: str | None = None, num_
 @contextmanager
 def _no_random_init():
     """torch.nn.init's initialisers as no-ops while a model is built on the meta device, where they are wasted
-    work (and `normal_` on meta imports torch._dynamo: ~1.3 s on a first load). Like transformers'
+    work (and `normal_` on meta imports torch._dynamo, slow on a first load). Like transformers'
     `no_init_weights`; new heads are initialised later by `init_weights`."""
     saved = {n: f for n, f in vars(nn.init).items() if n.endswith("_") and not n.startswith("_")}
     for n in saved:
@@ -326,8 +319,7 @@ def _check_keys(model: nn.Module, checkpoint: Checkpoint, state: dict, mapping: 
             problems.append("the checkpoint's task head has another size: a different num_labels? Pass the "
                             "checkpoint's num_labels, or start from a checkpoint without this head")
     if problems:
-        raise CheckpointError(f"{checkpoint.folder} does not fit {type(model).__name__}: "
-                              + ". ".join(problems))
+        raise CheckpointError(f"{checkpoint.folder} does not fit {type(model).__name__}: " + ". ".join(problems))
 
 
 def _load_quantized(module: nn.Linear, path: str, mapping: dict[str, str], checkpoint: Checkpoint, qconfig,
@@ -351,5 +343,3 @@ def _malloc_trim():
         return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
-
-
