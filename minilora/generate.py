@@ -28,16 +28,16 @@ class _Decoder:
                  num_beams: int):
         self.model, self.cache = model, None
         self.seq2seq = model.is_encoder_decoder
+        self.mask = None if attention_mask is None else attention_mask.repeat_interleave(num_beams, 0)
         if self.seq2seq:
             # Encode once per prompt, then give every beam its own copy, like HF.
             self.encoder_out = model.encode(input_ids, attention_mask=attention_mask).repeat_interleave(num_beams, 0)
-            self.mask = None if attention_mask is None else attention_mask.repeat_interleave(num_beams, 0)
-            start = _config_id(model, "decoder_start_token_id")
-            self.prompt = torch.full((self.encoder_out.shape[0], 1), start, dtype=torch.long,
-                                     device=input_ids.device)
+            start = getattr(model.config, "decoder_start_token_id", None)
+            if start is None:
+                raise ValueError("model config has no decoder_start_token_id; encoder-decoder generation needs it")
+            self.prompt = torch.full((self.encoder_out.shape[0], 1), start, dtype=torch.long, device=input_ids.device)
         else:
             self.prompt = input_ids.repeat_interleave(num_beams, 0)
-            self.mask = None if attention_mask is None else attention_mask.repeat_interleave(num_beams, 0)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Run the model on the new `tokens` (all of the prompt the first time); next-token logits in fp32."""
@@ -71,22 +71,11 @@ class _Decoder:
 
 
 @torch.no_grad()
-def generate(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    max_new_tokens: int = 20,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    num_beams: int = 1,
-    early_stopping: bool | str = False,
-    eos_token_id: int | list[int] | None = None,
-    attention_mask: torch.Tensor | None = None,
-    pad_token_id: int | None = None,
-    length_penalty: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, num_beams: int = 1,
+             early_stopping: bool | str = False, eos_token_id: int | list[int] | None = None,
+             attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
+             length_penalty: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Generate up to `max_new_tokens` tokens per prompt row; returns a LongTensor (batch, length).
 
     Decoder-only models return prompt + new tokens (left-pad batched prompts and pass `attention_mask`);
@@ -110,10 +99,9 @@ def generate(
         pad_token_id = int(eos[0])
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"generate needs a minilora model (ml.from_pretrained), got {type(model).__name__}")
-    if attention_mask is not None and not model.is_encoder_decoder:
-        if not attention_mask[:, -1].all():
-            raise ValueError("attention_mask: a prompt ends with padding; decoder-only generation needs "
-                             "left padding (tokenizer padding_side='left')")
+    if attention_mask is not None and not model.is_encoder_decoder and not attention_mask[:, -1].all():
+        raise ValueError("attention_mask: a prompt ends with padding; decoder-only generation needs left padding "
+                         "(tokenizer padding_side='left')")
     decoder = _Decoder(model, input_ids, attention_mask, num_beams)
     if num_beams > 1:
         return _beam_search(decoder, max_new_tokens, num_beams, eos, pad_token_id, early_stopping, length_penalty)
@@ -238,13 +226,6 @@ def _as_id_tensor(ids: int | list[int] | None, device) -> torch.Tensor | None:
     """Token id(s) as a 1-D LongTensor; None when there are none (None or an empty list)."""
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
-
-
-def _config_id(model: nn.Module, name: str) -> int:
-    value = getattr(model.config, name, None)
-    if value is None:
-        raise ValueError(f"model config has no {name}; encoder-decoder generation needs it")
-    return value
 
 
 def _check_args(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, num_beams,

@@ -58,10 +58,8 @@ def check_against_checkpoint(config, checkpoint: Checkpoint, source: Path) -> No
                                   f"dimension that large (the largest is {largest})")
     for name, pattern in LAYER_KEYS.items():
         value = getattr(config, name, None)
-        if not isinstance(value, int):
-            continue
         indices = {int(m[1]) for m in map(pattern.search, keys) if m}
-        if indices and len(indices) != value:
+        if isinstance(value, int) and indices and len(indices) != value:
             raise CheckpointError(f"{source}: {name} is {value} but the checkpoint in {source.parent} holds "
                                   f"{len(indices)} layers (indices {min(indices)}..{max(indices)})")
 
@@ -70,11 +68,15 @@ def check_dtypes(state: dict[str, torch.Tensor], mapping: dict[str, str], checkp
                  skip: tuple[str, ...] = ()) -> None:
     """A floating-point parameter takes only a floating-point tensor: a bool or integer one would load as 0/1 or
     as integers (a bool norm weight gives all-zero logits). Packed quantized layers (`skip`) have their own."""
-    wrong = [f"{key} is {checkpoint.where[ckey].dtype(ckey)} in {checkpoint.where[ckey].path.name}"
-             for key, ckey in mapping.items()
-             if key in state and not key.startswith(skip) and state[key].is_floating_point()
-             and not checkpoint.where[ckey].dtype(ckey).is_floating_point]
+    wrong = [f"{key} is {checkpoint.dtype(ckey)} in {checkpoint.where[ckey].path.name}"
+             for key, ckey in mapping.items() if key in state and not key.startswith(skip)
+             and state[key].is_floating_point() and not checkpoint.dtype(ckey).is_floating_point]
     if wrong:
-        raise CheckpointError(f"{checkpoint.files[0].path.parent}: floating-point weights stored as bool or integer "
-                              f"tensors: {'; '.join(wrong[:8])}" + (f" (and {len(wrong) - 8} more)" if len(wrong) > 8
-                                                                     else ""))
+        raise CheckpointError(f"{checkpoint.folder}: floating-point weights stored as bool or integer tensors: "
+                              f"{key_list(wrong, 8, '; ')}")
+
+
+def key_list(keys: list[str], limit: int = 12, sep: str = ", ") -> str:
+    """The first `limit` of `keys` for an error message, and how many more there are."""
+    shown = sep.join(keys[:limit])
+    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")

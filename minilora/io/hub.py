@@ -12,15 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # What a model needs: config, safetensors weights (single file or shards + index) and the tokenizer.
-MODEL_FILE_PATTERNS = [
-    "config.json",
-    "*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-]
+MODEL_FILE_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                       "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
 PICKLED_WEIGHT_PATTERNS = ["pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "tf_model.h5", "flax_model.msgpack"]
 
 

@@ -1,4 +1,4 @@
-"""Load Hugging Face checkpoint folders into minilora models, and save models back in the same format.
+"""Load Hugging Face checkpoint folders into minilora models.
 
 Loading builds the model on the meta device (no memory), then walks it module by module. A tensor used as
 stored (same dtype, CPU) is mapped from the file copy-on-write; one that changes dtype or device is read
@@ -17,27 +17,19 @@ import warnings
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from minilora.device import resolve_device
 from minilora.io import config_checks as load_checks
-from minilora.io.config_checks import MAX_NUM_LABELS
+from minilora.io.config_checks import MAX_NUM_LABELS, key_list
 from minilora.io.hub import resolve_model_dir
-from minilora.io.safetensors_file import (  # noqa: F401
-    Checkpoint,
-    CheckpointError,
-    LazyTensor,
-    SafetensorsFile,
-    load_safetensors,
-    save_safetensors,
-)
+from minilora.io.safetensors_file import (  # noqa: F401 (re-exported: callers import them from minilora.io.load)
+    Checkpoint, CheckpointError, LazyTensor, SafetensorsFile, load_safetensors, save_safetensors)
 from minilora.models import model_classes
-
-if TYPE_CHECKING:
-    from minilora.quant.config import QuantConfig
+from minilora import quant
+from minilora.quant import QuantConfig, format as quant_format
 
 # Checkpoint tensors every HF architecture recomputes from the config (old checkpoints saved them).
 ALWAYS_IGNORED_KEYS = (r"(^|\.)position_ids$", r"(^|\.)rotary_emb\.inv_freq$", r"(^|\.)inv_freq$")
@@ -96,11 +88,10 @@ def from_pretrained(path_or_id: str | os.PathLike, task: str | None = None, num_
 @contextmanager
 def _no_random_init():
     """torch.nn.init's initialisers as no-ops while a model is built on the meta device, where they are wasted
-    work (and `normal_` on meta imports torch._dynamo: ~1.3 s on a first load). Like transformers'
+    work (and `normal_` on meta imports torch._dynamo, slow on a first load). Like transformers'
     `no_init_weights`; new heads are initialised later by `init_weights`."""
-    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
-    saved = {n: getattr(nn.init, n) for n in names}
-    for n in names:
+    saved = {n: f for n, f in vars(nn.init).items() if n.endswith("_") and not n.startswith("_")}
+    for n in saved:
         setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
     try:
         yield
@@ -133,6 +124,7 @@ def _checked_config(config_class: type, config_dict: dict, checkpoint: Checkpoin
 
 
 def set_num_labels(config_dict: dict, num_labels: int) -> None:
+    """Set config.json's label count, with fresh LABEL_i names unless its id2label already has that many."""
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or not 1 <= num_labels <= MAX_NUM_LABELS:
         raise ValueError(f"num_labels must be an int in [1, {MAX_NUM_LABELS}], got {num_labels!r}")
     config_dict["num_labels"] = num_labels
@@ -149,9 +141,8 @@ def _resolve_dtype(dtype, config_dict: dict, checkpoint: Checkpoint,
     its dense weights in fp32: in a bf16 residual stream the first LoRA updates are mostly rounded away."""
     requested = dtype
     if dtype in (None, "auto"):
-        dtype = config_dict.get("dtype") or config_dict.get("torch_dtype") or checkpoint.majority_float_dtype()
-        if dtype is None:
-            dtype = torch.get_default_dtype()
+        dtype = (config_dict.get("dtype") or config_dict.get("torch_dtype") or checkpoint.majority_float_dtype()
+                 or torch.get_default_dtype())
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -166,9 +157,6 @@ def _resolve_quantization(quantize, config_dict: dict, dtype: torch.dtype):
     saved = config_dict.get("quantization_config")
     if quantize is None and saved is None:
         return None, False
-    from minilora import quant
-    from minilora.quant import format as quant_format
-
     requested = quant.resolve_quant_config(quantize, dtype)
     if saved is None:
         return requested, False
@@ -234,13 +222,12 @@ def _load_weights(model: nn.Module, checkpoint: Checkpoint, config_dict: dict, d
     new_head = [k for k in missing if k.startswith(tuple(model.new_head_prefixes)) or any(p.search(k) for p in fresh)]
     _check_keys(model, checkpoint, state, mapping, [k for k in missing if k not in new_head], unexpected, packed)
     load_checks.check_dtypes(state, mapping, checkpoint, packed)
-    where = checkpoint.files[0].path.parent
     if dropped:
-        warnings.warn(f"{where}: ignored tensors of a head {type(model).__name__} does not have: {key_list(dropped)}",
-                      stacklevel=3)
+        warnings.warn(f"{checkpoint.folder}: ignored tensors of a head {type(model).__name__} does not have: "
+                      f"{key_list(dropped)}", stacklevel=3)
     if new_head:
-        warnings.warn(f"{where}: these {type(model).__name__} weights are not in the checkpoint and were newly "
-                      f"initialised (train them before use): {key_list(new_head)}", stacklevel=3)
+        warnings.warn(f"{checkpoint.folder}: these {type(model).__name__} weights are not in the checkpoint and were "
+                      f"newly initialised (train them before use): {key_list(new_head)}", stacklevel=3)
 
     def materialise(module: nn.Module, name: str, value: torch.Tensor) -> None:
         if name in module._parameters:
@@ -254,8 +241,8 @@ def _load_weights(model: nn.Module, checkpoint: Checkpoint, config_dict: dict, d
             layer = _load_quantized(module, path, mapping, checkpoint, qconfig, prequantized, dtype, device)
             parent, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent), name, layer)
-            if device.type == "cpu":
-                _return_freed_memory()
+            if device.type == "cpu" and _malloc_trim():
+                _malloc_trim()(0)
             continue
         prefix = path + "." if path else ""
         own = {n: t for n, t in [*module._parameters.items(), *module._buffers.items()]
@@ -306,21 +293,12 @@ def _quantized_paths(model: nn.Module, qconfig, prequantized: bool, mapping: dic
     """Linear layers to load quantized: the checkpoint's packed ones, else those `quantize` selects."""
     if qconfig is None:
         return set()
-    from minilora import quant
-    from minilora.quant import format as quant_format
-
     if not prequantized:
         modules = dict(model.named_modules())
         # A layer the checkpoint lacks (a pooler initialised afresh) stays dense: there is nothing to quantize.
         return {p for p in linears if p + ".weight" in mapping and quant.should_quantize(p, modules[p], qconfig, model)}
-    names: dict[str, list[str]] = {}  # linear layer -> its tensor names in the checkpoint
-    for key in mapping:
-        path = key.rpartition(".")[0]
-        while path and path not in linears:
-            path = path.rpartition(".")[0]
-        if path:
-            names.setdefault(path, []).append(key[len(path) + 1:])
-    return {p for p, n in names.items() if quant_format.is_quantized_in_checkpoint(n)}
+    return {p for p in linears  # judged by the layer's tensor names in the checkpoint
+            if quant_format.is_quantized_in_checkpoint(k[len(p) + 1:] for k in mapping if k.startswith(p + "."))}
 
 
 def _check_keys(model: nn.Module, checkpoint: Checkpoint, state: dict, mapping: dict[str, str],
@@ -341,14 +319,11 @@ def _check_keys(model: nn.Module, checkpoint: Checkpoint, state: dict, mapping: 
             problems.append("the checkpoint's task head has another size: a different num_labels? Pass the "
                             "checkpoint's num_labels, or start from a checkpoint without this head")
     if problems:
-        raise CheckpointError(f"{checkpoint.files[0].path.parent} does not fit {type(model).__name__}: "
-                              + ". ".join(problems))
+        raise CheckpointError(f"{checkpoint.folder} does not fit {type(model).__name__}: " + ". ".join(problems))
 
 
 def _load_quantized(module: nn.Linear, path: str, mapping: dict[str, str], checkpoint: Checkpoint, qconfig,
                     prequantized: bool, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    from minilora import quant
-
     prefix = path + "."
     if prequantized:  # packed weights + quantization state exactly as save_pretrained wrote them
         tensors = {k[len(prefix):]: checkpoint.read(ck) for k, ck in mapping.items() if k.startswith(prefix)}
@@ -362,22 +337,9 @@ def _load_quantized(module: nn.Linear, path: str, mapping: dict[str, str], check
 
 @functools.cache
 def _malloc_trim():
+    """glibc's malloc_trim, which gives the heap's free pages back to the OS, or None. Quantizing frees many
+    temporaries between the packed weights it keeps; without a trim that fragmented free memory stays in RSS."""
     try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
-
-
-def _return_freed_memory() -> None:
-    """Give the heap's free pages back to the OS (glibc). Quantizing frees many temporaries between the
-    packed weights it keeps; without this, that fragmented free memory stays in RSS."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-def key_list(keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
-
-

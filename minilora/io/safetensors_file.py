@@ -10,12 +10,14 @@ The format: 8-byte little-endian header length N, N bytes of JSON
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import mmap
 import os
 import struct
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -63,7 +65,7 @@ class SafetensorsFile:
         if header_len > min(file_size - 8, MAX_HEADER_BYTES):
             raise corrupt(f"the header claims {header_len} bytes but the file has {file_size} bytes")
         try:
-            header = json.loads(self._read_exact(header_len))
+            header = json.loads(self._file.read(header_len))  # the file holds them: checked above
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise corrupt(f"the JSON header does not parse ({e})") from e
         if not isinstance(header, dict):
@@ -87,27 +89,24 @@ class SafetensorsFile:
         _check_tiling(header, data_len, corrupt)
         self.entries: dict[str, dict] = header
 
-    def _read_exact(self, n: int) -> bytes:
-        data = self._file.read(n)
-        if len(data) != n:
-            raise CheckpointError(f"{self.path} is truncated: wanted {n} bytes, got {len(data)}")
-        return data
-
     def keys(self) -> list[str]:
         return list(self.entries)
 
+    def _entry(self, key: str) -> dict:
+        if key not in self.entries:
+            raise KeyError(f"{self.path} has no tensor {key!r}")
+        return self.entries[key]
+
     def shape(self, key: str) -> torch.Size:
-        return torch.Size(self.entries[key]["shape"])
+        return torch.Size(self._entry(key)["shape"])
 
     def dtype(self, key: str) -> torch.dtype:
-        return SAFETENSORS_DTYPES[self.entries[key]["dtype"]]
+        return SAFETENSORS_DTYPES[self._entry(key)["dtype"]]
 
     def read(self, key: str, start: int | None = None, stop: int | None = None,
              pin_memory: bool = False) -> torch.Tensor:
         """The tensor `key` (or its rows [start, stop) along dim 0) as a new CPU tensor in its stored dtype,
         read with `readinto` (into page-locked memory with `pin_memory`, for asynchronous copies to a GPU)."""
-        if key not in self.entries:
-            raise KeyError(f"{self.path} has no tensor {key!r}")
         shape = self.shape(key)
         begin, end = self.entries[key]["data_offsets"]
         if start is not None or stop is not None:
@@ -134,10 +133,7 @@ class SafetensorsFile:
         """The tensor `key` as a copy-on-write view of the file (MAP_PRIVATE): no bytes are read until used,
         writes to it never reach the file, and it stays valid after `close()`. Falls back to `read` where the
         data is not aligned for its dtype."""
-        info = self.entries.get(key)
-        if info is None:
-            raise KeyError(f"{self.path} has no tensor {key!r}")
-        dtype, (begin, end) = self.dtype(key), info["data_offsets"]
+        dtype, (begin, end) = self.dtype(key), self.entries[key]["data_offsets"]
         if end == begin or (self.data_start + begin) % dtype.itemsize:
             return self.read(key)
         if self._map is None:
@@ -147,8 +143,6 @@ class SafetensorsFile:
 
     def lazy(self, key: str) -> LazyTensor:
         """`key` unread: its shape and dtype now, row ranges on demand."""
-        if key not in self.entries:
-            raise KeyError(f"{self.path} has no tensor {key!r}")
         return LazyTensor(self, key)
 
     def close(self) -> None:
@@ -194,14 +188,12 @@ class LazyTensor:
     def mapped(self) -> torch.Tensor:
         return self.file.mapped(self.key)
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
 
 class Checkpoint:
     """The weights of a model folder: `model.safetensors`, or shards listed in `model.safetensors.index.json`."""
 
     def __init__(self, model_dir: Path):
+        self.folder = model_dir
         single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
         self.files: list[SafetensorsFile] = []
         self.where: dict[str, SafetensorsFile] = {}
@@ -235,10 +227,9 @@ class Checkpoint:
         missing = [n for n in names if not (index.parent / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} lists shard file(s) missing from {index.parent}: {', '.join(missing)}")
-        by_name = {}
         for name in names:
-            by_name[name] = SafetensorsFile(index.parent / name)
-            self.files.append(by_name[name])
+            self.files.append(SafetensorsFile(index.parent / name))  # appended one by one: closed on an error
+        by_name = dict(zip(names, self.files, strict=True))
         for key, name in weight_map.items():
             if key not in by_name[name].entries:
                 raise CheckpointError(f"{index} maps tensor {key!r} to {name}, which does not contain it")
@@ -250,6 +241,9 @@ class Checkpoint:
     def shape(self, key: str) -> torch.Size:
         return self.where[key].shape(key)
 
+    def dtype(self, key: str) -> torch.dtype:
+        return self.where[key].dtype(key)
+
     def read(self, key: str) -> torch.Tensor:
         return self.where[key].read(key)
 
@@ -257,11 +251,7 @@ class Checkpoint:
         return self.where[key].lazy(key)
 
     def majority_float_dtype(self) -> torch.dtype | None:
-        counts: dict[torch.dtype, int] = {}
-        for key, f in self.where.items():
-            if f.dtype(key).is_floating_point:
-                counts[f.dtype(key)] = counts.get(f.dtype(key), 0) + self.shape(key).numel()
-        return max(counts, key=counts.get) if counts else None
+        return majority_float_dtype((self.dtype(key), self.shape(key).numel()) for key in self.where)
 
     def close(self) -> None:
         for f in self.files:
@@ -272,6 +262,15 @@ class Checkpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def majority_float_dtype(sizes: Iterable[tuple[torch.dtype, int]]) -> torch.dtype | None:
+    """The floating-point dtype holding the most elements among (dtype, element count) pairs; None if none."""
+    counts: collections.Counter[torch.dtype] = collections.Counter()
+    for dtype, n in sizes:
+        if dtype.is_floating_point:
+            counts[dtype] += n
+    return max(counts, key=counts.get) if counts else None
 
 
 def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 from minilora.io.atomic import atomic_write
-from minilora.io.load import key_list, set_num_labels
-from minilora.io.safetensors_file import save_safetensors
+from minilora.io.config_checks import key_list
+from minilora.io.load import set_num_labels
+from minilora.io.safetensors_file import majority_float_dtype, save_safetensors
 from minilora.models import FAMILIES
 from minilora.models.base import PreTrainedModel
+from minilora.quant import format as quant_format
 
 
 def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, max_shard_size: int | str = "2GB") -> Path:
@@ -34,13 +36,11 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, max_shard_size
     out.mkdir(parents=True, exist_ok=True)
     tensors = _tensors_to_save(model)
     shards = _split_into_shards(tensors, _parse_size(max_shard_size))
-    if len(shards) == 1:
-        written = ["model.safetensors"]
-        save_safetensors(shards[0], out / written[0])
-    else:
-        written = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-        for name, shard in zip(written, shards, strict=True):
-            save_safetensors(shard, out / name)
+    n = len(shards)
+    written = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    for name, shard in zip(written, shards, strict=True):
+        save_safetensors(shard, out / name)
+    if n > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map = {key: name for name, shard in zip(written, shards, strict=True) for key in shard}
         _write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, out / "model.safetensors.index.json")
@@ -101,17 +101,12 @@ def _config_to_save(model: nn.Module) -> dict:
     num_labels = getattr(config, "num_labels", None)
     if num_labels is not None and "id2label" in raw and len(raw["id2label"]) != num_labels:
         set_num_labels(raw, num_labels)
-    floats: dict[torch.dtype, int] = {}
-    for p in model.parameters():
-        if p.is_floating_point():
-            floats[p.dtype] = floats.get(p.dtype, 0) + p.numel()
-    if floats:  # both keys: transformers v5 reads `dtype`, v4 `torch_dtype`
-        raw["dtype"] = raw["torch_dtype"] = str(max(floats, key=floats.get)).removeprefix("torch.")
+    dtype = majority_float_dtype((p.dtype, p.numel()) for p in model.parameters())
+    if dtype is not None:  # both keys: transformers v5 reads `dtype`, v4 `torch_dtype`
+        raw["dtype"] = raw["torch_dtype"] = str(dtype).removeprefix("torch.")
     qconfig = getattr(model, "quant_config", None)
     raw.pop("quantization_config", None)
     if qconfig is not None:
-        from minilora.quant import format as quant_format
-
         raw["quantization_config"] = quant_format.quant_config_to_dict(qconfig, model)
     return raw
 

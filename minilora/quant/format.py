@@ -53,9 +53,8 @@ def read_4bit(tensors: dict[str, torch.Tensor], in_features: int, out_features: 
     unknown = sorted(set(stats) - {f"weight.{k}" for k in FOUR_BIT_STATE_KEYS} - {blob_key})
     if unknown:
         raise ValueError(f"unknown 4-bit quant state tensors {[prefix + k for k in unknown]}")
-    param = import_bitsandbytes().nn.Params4bit.from_prequantized(packed.reshape(-1, 1), stats, requires_grad=False,
-                                                                  device=device)
-    return param
+    return import_bitsandbytes().nn.Params4bit.from_prequantized(packed.reshape(-1, 1), stats, requires_grad=False,
+                                                                 device=device)
 
 
 def _dense_hint(tensors: dict[str, torch.Tensor]) -> str:

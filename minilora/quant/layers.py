@@ -331,15 +331,13 @@ def load_prequantized_linear(tensors: dict[str, torch.Tensor], in_features: int,
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     if qconfig.quant_type == "int8":
-        layer = Int8Linear(*quant_format.read_int8(tensors, in_features, out_features, device, prefix))
+        layer = Int8Linear(*quant_format.read_int8(tensors, in_features, out_features, device, prefix),
+                           compute_dtype=qconfig.compute_dtype, threshold=qconfig.int8_threshold)
     else:
         layer = NF4Linear(quant_format.read_4bit(tensors, in_features, out_features, qconfig.quant_type, device,
-                                                 prefix))
+                                                 prefix), compute_dtype=qconfig.compute_dtype)
     if "bias" in tensors:
         if tensors["bias"].shape != (out_features,):
             raise ValueError(f"{prefix}bias has shape {tuple(tensors['bias'].shape)}, expected ({out_features},)")
         layer.bias = frozen_parameter(tensors["bias"].to(device))
-    layer.compute_dtype = qconfig.compute_dtype
-    if isinstance(layer, Int8Linear):
-        layer.threshold = qconfig.int8_threshold
     return layer
