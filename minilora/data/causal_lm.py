@@ -45,14 +45,9 @@ def causal_lm_dataset(records: Sequence[dict], tokenizer, *, max_length: int = 5
             raise ValueError("causal_lm_dataset: add_eos=True but the tokenizer has no eos_token_id")
         examples = [(ids + [eos], labels + [eos]) if ids[-1:] != [eos] else (ids, labels) for ids, labels in examples]
 
-    kept, dropped = [], 0
-    for ids, labels in examples:
-        ids, labels = ids[:max_length], labels[:max_length]
-        if all(label == IGNORE_INDEX for label in labels):
-            dropped += 1
-        else:
-            kept.append((ids, labels))
+    examples = [(ids[:max_length], labels[:max_length]) for ids, labels in examples]
+    kept = [(ids, labels) for ids, labels in examples if any(label != IGNORE_INDEX for label in labels)]
     if not kept:
         raise ValueError(f"causal_lm_dataset: no example of {source_of(records)} has a response token within "
                          f"max_length={max_length}")
-    return to_features(kept, max_length, packing, source_of(records), dropped)
+    return to_features(kept, max_length, packing, source_of(records), len(examples) - len(kept))

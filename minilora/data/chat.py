@@ -57,9 +57,8 @@ def chat_dataset(records: Sequence[dict], tokenizer, max_length: int = 2048, mes
         except ValueError as e:
             raise ValueError(f"{source_of(records)}: row {index}: {e}") from e
         labels = [t if m or not assistant_only_loss else IGNORE_INDEX for t, m in zip(ids, learned, strict=True)]
-        if len(ids) > max_length:
-            ids, labels = ids[:max_length], labels[:max_length]
-            last = max((i for i, t in enumerate(labels) if t != IGNORE_INDEX), default=-1)
+        if len(ids) > max_length:  # end the cut row with its last learned token
+            last = max((i for i, t in enumerate(labels[:max_length]) if t != IGNORE_INDEX), default=-1)
             ids, labels = ids[:last + 1], labels[:last + 1]
         if all(t == IGNORE_INDEX for t in labels[1:]):
             dropped += 1

@@ -53,16 +53,13 @@ class Collator:
         if not features:
             raise ValueError("Collator: empty batch")
         batch = {}
-        for key in features[0]:
-            if key not in PAD_VALUES:
-                continue
+        for key in [k for k in features[0] if k in PAD_VALUES]:
             try:
                 values = [f[key] for f in features]
             except KeyError:
                 raise KeyError(f"Collator: some features in the batch have no {key!r}") from None
             if isinstance(values[0], (list, tuple)):
-                pad = self.pad_token_id if PAD_VALUES[key] is None else PAD_VALUES[key]
-                batch[key] = self._pad(values, pad)
+                batch[key] = self._pad(values, self.pad_token_id if PAD_VALUES[key] is None else PAD_VALUES[key])
             else:
                 batch[key] = torch.tensor(values)
         return batch
@@ -73,9 +70,6 @@ class Collator:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         out = torch.full((len(sequences), length), pad, dtype=torch.long)
         for i, seq in enumerate(sequences):
-            if len(seq):
-                if self.padding_side == "right":
-                    out[i, :len(seq)] = torch.as_tensor(seq)
-                else:
-                    out[i, length - len(seq):] = torch.as_tensor(seq)
+            start = 0 if self.padding_side == "right" else length - len(seq)
+            out[i, start:start + len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         return out

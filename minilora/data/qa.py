@@ -105,13 +105,9 @@ def postprocess_qa_predictions(examples: Sequence[dict], features: Sequence[dict
             starts, ends = np.asarray(start_logits[f_index]), np.asarray(end_logits[f_index])
             for s in np.argsort(starts)[::-1][:n_best]:
                 for e in np.argsort(ends)[::-1][:n_best]:
-                    if s >= len(offsets) or e >= len(offsets) or offsets[s] is None or offsets[e] is None:
-                        continue
-                    if e < s or e - s + 1 > max_answer_length:
-                        continue
-                    score = starts[s] + ends[e]
-                    if score > best_score:
-                        best_score, best_span = score, (offsets[s][0], offsets[e][1])
+                    inside = s < len(offsets) and e < len(offsets) and offsets[s] is not None and offsets[e] is not None
+                    if inside and s <= e < s + max_answer_length and starts[s] + ends[e] > best_score:
+                        best_score, best_span = starts[s] + ends[e], (offsets[s][0], offsets[e][1])
         context = example[context_column]
         predictions[example_id] = context[best_span[0]:best_span[1]] if best_span else ""
     return predictions
