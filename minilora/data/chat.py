@@ -15,10 +15,11 @@ from __future__ import annotations
 import warnings
 from typing import Sequence
 
-from minilora.text.chat_template import render_chat, render_chat_with_generation_spans
+from minilora.checks import check_number
 from minilora.data.collate import IGNORE_INDEX, Features
 from minilora.data.packing import to_features
 from minilora.data.readers import get_field, require_rows, source_of
+from minilora.text.chat_template import render_chat, render_chat_with_generation_spans
 
 # ShareGPT's `from` values -> roles; rows holding {"from": ..., "value": ...} messages are read with it.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -43,13 +44,12 @@ def chat_dataset(records: Sequence[dict], tokenizer, max_length: int = 2048, mes
     `show_masking(features[i], tokenizer)` shows which tokens of an example are learned.
     """
     require_rows(records, "chat_dataset")
-    if max_length < 1:
-        raise ValueError(f"chat_dataset: max_length must be >= 1, got {max_length}")
+    check_number(max_length, "chat_dataset: max_length", low=1, integer=True)
     template = chat_template or tokenizer.chat_template
     if not template:
         raise ValueError(f"chat_dataset: {getattr(tokenizer, 'name', '') or 'the tokenizer'} has no chat template; "
                          "pass chat_template=")
-    documents, dropped = [], 0
+    documents = []
     for index, row in enumerate(records):
         messages = read_messages(row, messages_field, records, index)
         try:
@@ -60,10 +60,9 @@ def chat_dataset(records: Sequence[dict], tokenizer, max_length: int = 2048, mes
         if len(ids) > max_length:  # end the cut row with its last learned token
             last = max((i for i, t in enumerate(labels[:max_length]) if t != IGNORE_INDEX), default=-1)
             ids, labels = ids[:last + 1], labels[:last + 1]
-        if all(t == IGNORE_INDEX for t in labels[1:]):
-            dropped += 1
-            continue
-        documents.append((ids, labels))
+        if any(t != IGNORE_INDEX for t in labels[1:]):
+            documents.append((ids, labels))
+    dropped = len(records) - len(documents)
     if not documents:
         raise ValueError(f"chat_dataset: no conversation of {source_of(records)} has an assistant token to learn "
                          f"within max_length={max_length}")

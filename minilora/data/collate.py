@@ -7,18 +7,12 @@ import torch
 
 IGNORE_INDEX = -100  # a label the loss skips (prompt tokens, padding, another document's boundary)
 
-# Feature keys the models take, with the value that pads them (None: the tokenizer's pad token id).
-# Other keys (offset_mapping, example_id, ...) stay in the features for post-processing only.
+# Feature keys the models take, with the value that pads them (None: the tokenizer's pad token id; the scalar
+# start/end_positions are never padded). Other keys (offset_mapping, example_id, ...) stay in the features for
+# post-processing only.
 PAD_VALUES: dict[str, int | None] = {
-    "input_ids": None,
-    "attention_mask": 0,
-    "token_type_ids": 0,
-    "labels": IGNORE_INDEX,
-    "position_ids": 0,  # packed rows: positions restart at 0 for each document
-    "decoder_input_ids": None,
-    "decoder_attention_mask": 0,
-    "start_positions": None,  # scalars: never padded
-    "end_positions": None,
+    "input_ids": None, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX, "position_ids": 0,
+    "decoder_input_ids": None, "decoder_attention_mask": 0, "start_positions": None, "end_positions": None,
 }
 
 

@@ -68,13 +68,10 @@ def _answer_span(row: dict, column: str, records, index: int) -> tuple[int, int]
 def _token_span(offsets: list, span: tuple[int, int] | None, cls_index: int) -> tuple[int, int]:
     """Token positions of the character span inside this window, or (cls, cls) when it is not all inside."""
     context = [t for t, o in enumerate(offsets) if o is not None]
-    if span is None or not context:
+    if span is None or not context or offsets[context[0]][0] > span[0] or offsets[context[-1]][1] < span[1]:
         return cls_index, cls_index
-    start_char, end_char = span
-    if offsets[context[0]][0] > start_char or offsets[context[-1]][1] < end_char:
-        return cls_index, cls_index
-    start = max(t for t in context if offsets[t][0] <= start_char)
-    end = min(t for t in context if offsets[t][1] >= end_char)
+    start = max(t for t in context if offsets[t][0] <= span[0])
+    end = min(t for t in context if offsets[t][1] >= span[1])
     return start, end
 
 

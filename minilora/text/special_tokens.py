@@ -24,11 +24,8 @@ def register_special_tokens(backend: tokenizers.Tokenizer, config: dict[str, Any
     wanted = [t for t in declared.values() if isinstance(t, dict)] if isinstance(declared, dict) else []
     extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
     extra = list(extra.values()) if isinstance(extra, dict) else list(extra)
-    for token in [*named, *extra]:
-        if isinstance(token, dict):
-            wanted.append({**token, "special": True})
-        elif isinstance(token, str):
-            wanted.append({"content": token, "special": True, "normalized": False})
+    wanted += [{**t, "special": True} if isinstance(t, dict) else {"content": t, "special": True, "normalized": False}
+               for t in [*named, *extra] if isinstance(t, (dict, str))]
     added = {t.content: t for t in backend.get_added_tokens_decoder().values()}
     for spec in wanted:
         have = added.get(spec["content"])

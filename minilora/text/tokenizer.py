@@ -58,9 +58,7 @@ class BatchEncoding(dict):
 
     def to(self, device: str | torch.device) -> BatchEncoding:
         """Move every tensor to `device` (in place; returns self)."""
-        for key, value in self.items():
-            if hasattr(value, "to"):
-                self[key] = value.to(device)
+        self.update({key: value.to(device) for key, value in self.items() if hasattr(value, "to")})
         return self
 
 
