@@ -60,19 +60,18 @@ def load_records(source: str | os.PathLike | Iterable[dict], split: str | None =
     already in memory (a list of dicts). CSV values stay strings. Parquet needs pyarrow
     (`pip install 'minilora[parquet]'`).
     """
-    if not isinstance(source, (str, os.PathLike)):
-        rows = Records(source, source="records")
-        require_rows(rows, "load_records")
-        return rows
-    path = Path(source).expanduser()
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = _split_files(path, split)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            files = _split_files(path, split)
+        else:
+            files = _split_files(_hub_snapshot(str(source), revision), split, where=f"hub dataset {str(source)!r}")
+        rows = Records((row for f in files for row in read_file(f)),
+                       source=str(files[0]) if len(files) == 1 else f"{path} [{split}]")
     else:
-        files = _split_files(_hub_snapshot(str(source), revision), split, where=f"hub dataset {str(source)!r}")
-    rows = Records((row for f in files for row in read_file(f)),
-                   source=str(files[0]) if len(files) == 1 else f"{path} [{split}]")
+        rows = Records(source, source="records")
     require_rows(rows, "load_records")
     return rows
 
@@ -167,15 +166,14 @@ def _split_files(folder: Path, split: str | None, where: str | None = None) -> l
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
         raise FileNotFoundError(f"{where} has no data files ({', '.join(DATA_SUFFIXES)})")
+    listing = [str(p.relative_to(folder)) for p in files][:8]
     if split is None:
         if len(files) > 1:
-            raise ValueError(f"{where} has several data files ({[str(p.relative_to(folder)) for p in files][:8]}): "
-                             "pass split='train' (or another split name)")
+            raise ValueError(f"{where} has several data files ({listing}): pass split='train' (or another split name)")
         return files
     chosen = [p for p in files if p.stem == split or p.stem.startswith((f"{split}-", f"{split}_", f"{split}."))]
     if not chosen:
-        raise FileNotFoundError(f"{where} has no files for split {split!r} (files: "
-                                f"{[str(p.relative_to(folder)) for p in files][:8]})")
+        raise FileNotFoundError(f"{where} has no files for split {split!r} (files: {listing})")
     # one format per split, e.g. train.jsonl wins over the original train-*.parquet beside it
     best = min((p.suffix for p in chosen), key=DATA_SUFFIXES.index)
     return [p for p in chosen if p.suffix == best]
