@@ -20,9 +20,8 @@ def causal_lm_dataset(records: Sequence[dict], tokenizer, *, max_length: int = 5
     - `add_eos` appends the EOS token unless the text already ends with it.
     - Each example is truncated to `max_length` (the rest of a longer one is dropped; the collator pads to
       the batch's longest); examples left with no learnable token are dropped and counted in `num_dropped`.
-    - With `packing`, whole examples share rows of up to `max_length` tokens (`minilora.data.packing`):
-      `position_ids` restart at 0 for each, the models keep attention inside each example and the first
-      label of each is -100, so the loss and gradients equal those of the examples unpacked.
+    - With `packing`, whole examples share rows of up to `max_length` tokens with the loss and gradients of
+      the examples unpacked (`minilora.data.packing` says how).
     """
     require_rows(records, "causal_lm_dataset")
     if (prompt_column is None) != (response_column is None):

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 _SEGMENT_ID_CLASSES = {"BertTokenizer", "ElectraTokenizer", "MobileBertTokenizer", "ConvBertTokenizer",
                        "SqueezeBertTokenizer", "LayoutLMTokenizer", "FunnelTokenizer"}
 _GENERIC_CLASSES = {"", "PreTrainedTokenizer", "TokenizersBackend"}
+_FLAGS = ("single_word", "lstrip", "rstrip", "normalized")  # how an added token matches; kept when it exists
 
 
 def register_special_tokens(backend: tokenizers.Tokenizer, config: dict[str, Any], named: list[str | None]) -> None:
@@ -31,8 +32,7 @@ def register_special_tokens(backend: tokenizers.Tokenizer, config: dict[str, Any
         have = added.get(spec["content"])
         if have is not None and (have.special or not spec.get("special")):
             continue
-        flags = {k: getattr(have, k) if have is not None else spec[k]
-                 for k in ("single_word", "lstrip", "rstrip", "normalized") if have is not None or k in spec}
+        flags = {k: getattr(have, k) for k in _FLAGS} if have is not None else {k: spec[k] for k in _FLAGS if k in spec}
         token = AddedToken(spec["content"], **flags, special=bool(spec.get("special")))
         backend.add_special_tokens([token]) if token.special else backend.add_tokens([token])
         added[token.content] = token
