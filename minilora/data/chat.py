@@ -131,21 +131,20 @@ def assistant_mask(messages: list[dict], tokenizer, chat_template: str | None = 
 def show_masking(example: dict, tokenizer) -> str:
     """The example's text with each learned span (label != -100) between ⟦ and ⟧; packed documents are
     separated by a line `--- document k ---`. Print it to check what a run will learn."""
-    ids, labels = list(example["input_ids"]), list(example["labels"])
-    positions = example.get("position_ids")
-    pieces, decoded, start = [], "", 0
-    for end in range(1, len(ids) + 1):
-        boundary = end == len(ids) or (labels[end] != IGNORE_INDEX) != (labels[start] != IGNORE_INDEX) or (
-            positions is not None and positions[end] == 0)
-        if not boundary:
-            continue
-        text = tokenizer.decode(ids[:end])
+    ids, positions = list(example["input_ids"]), example.get("position_ids")
+    learned = [label != IGNORE_INDEX for label in example["labels"]]
+    # runs of tokens that are all learned or all not, within one document
+    starts = [t for t in range(len(ids))
+              if t == 0 or learned[t] != learned[t - 1] or (positions is not None and positions[t] == 0)]
+    pieces, decoded, documents = [], "", 0
+    for start, end in zip(starts, [*starts[1:], len(ids)], strict=False):  # unequal only for no tokens
+        text = tokenizer.decode(ids[:end])  # decoded as a prefix, so a run does not lose its leading space
         piece = text[len(decoded):] if text.startswith(decoded) else tokenizer.decode(ids[start:end])
         decoded = text
         if positions is not None and positions[start] == 0:
-            pieces.append(f"{chr(10) if pieces else ''}--- document {sum(p == 0 for p in positions[:start + 1])} ---\n")
-        pieces.append(f"⟦{piece}⟧" if labels[start] != IGNORE_INDEX else piece)
-        start = end
+            documents += 1
+            pieces.append(f"{chr(10) if pieces else ''}--- document {documents} ---\n")
+        pieces.append(f"⟦{piece}⟧" if learned[start] else piece)
     return "".join(pieces)
 
 
