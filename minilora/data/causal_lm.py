@@ -20,9 +20,8 @@ def causal_lm_dataset(records: Sequence[dict], tokenizer, *, max_length: int = 5
     - `add_eos` appends the EOS token unless the text already ends with it.
     - Each example is truncated to `max_length` (the rest of a longer one is dropped; the collator pads to
       the batch's longest); examples left with no learnable token are dropped and counted in `num_dropped`.
-    - With `packing`, whole examples share rows of up to `max_length` tokens (`minilora.data.packing`):
-      `position_ids` restart at 0 for each, the models keep attention inside each example and the first
-      label of each is -100, so the loss and gradients equal those of the examples unpacked.
+    - With `packing`, whole examples share rows of up to `max_length` tokens with the loss and gradients of
+      the examples unpacked (`minilora.data.packing` says how).
     """
     require_rows(records, "causal_lm_dataset")
     if (prompt_column is None) != (response_column is None):
@@ -45,14 +44,9 @@ def causal_lm_dataset(records: Sequence[dict], tokenizer, *, max_length: int = 5
             raise ValueError("causal_lm_dataset: add_eos=True but the tokenizer has no eos_token_id")
         examples = [(ids + [eos], labels + [eos]) if ids[-1:] != [eos] else (ids, labels) for ids, labels in examples]
 
-    kept, dropped = [], 0
-    for ids, labels in examples:
-        ids, labels = ids[:max_length], labels[:max_length]
-        if all(label == IGNORE_INDEX for label in labels):
-            dropped += 1
-        else:
-            kept.append((ids, labels))
+    examples = [(ids[:max_length], labels[:max_length]) for ids, labels in examples]
+    kept = [(ids, labels) for ids, labels in examples if any(label != IGNORE_INDEX for label in labels)]
     if not kept:
         raise ValueError(f"causal_lm_dataset: no example of {source_of(records)} has a response token within "
                          f"max_length={max_length}")
-    return to_features(kept, max_length, packing, source_of(records), dropped)
+    return to_features(kept, max_length, packing, source_of(records), len(examples) - len(kept))

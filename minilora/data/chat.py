@@ -15,10 +15,11 @@ from __future__ import annotations
 import warnings
 from typing import Sequence
 
-from minilora.text.chat_template import render_chat, render_chat_with_generation_spans
+from minilora.checks import check_number
 from minilora.data.collate import IGNORE_INDEX, Features
 from minilora.data.packing import to_features
 from minilora.data.readers import get_field, require_rows, source_of
+from minilora.text.chat_template import render_chat, render_chat_with_generation_spans
 
 # ShareGPT's `from` values -> roles; rows holding {"from": ..., "value": ...} messages are read with it.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -43,13 +44,12 @@ def chat_dataset(records: Sequence[dict], tokenizer, max_length: int = 2048, mes
     `show_masking(features[i], tokenizer)` shows which tokens of an example are learned.
     """
     require_rows(records, "chat_dataset")
-    if max_length < 1:
-        raise ValueError(f"chat_dataset: max_length must be >= 1, got {max_length}")
+    check_number(max_length, "chat_dataset: max_length", low=1, integer=True)
     template = chat_template or tokenizer.chat_template
     if not template:
         raise ValueError(f"chat_dataset: {getattr(tokenizer, 'name', '') or 'the tokenizer'} has no chat template; "
                          "pass chat_template=")
-    documents, dropped = [], 0
+    documents = []
     for index, row in enumerate(records):
         messages = read_messages(row, messages_field, records, index)
         try:
@@ -57,14 +57,12 @@ def chat_dataset(records: Sequence[dict], tokenizer, max_length: int = 2048, mes
         except ValueError as e:
             raise ValueError(f"{source_of(records)}: row {index}: {e}") from e
         labels = [t if m or not assistant_only_loss else IGNORE_INDEX for t, m in zip(ids, learned, strict=True)]
-        if len(ids) > max_length:
-            ids, labels = ids[:max_length], labels[:max_length]
-            last = max((i for i, t in enumerate(labels) if t != IGNORE_INDEX), default=-1)
+        if len(ids) > max_length:  # end the cut row with its last learned token
+            last = max((i for i, t in enumerate(labels[:max_length]) if t != IGNORE_INDEX), default=-1)
             ids, labels = ids[:last + 1], labels[:last + 1]
-        if all(t == IGNORE_INDEX for t in labels[1:]):
-            dropped += 1
-            continue
-        documents.append((ids, labels))
+        if any(t != IGNORE_INDEX for t in labels[1:]):
+            documents.append((ids, labels))
+    dropped = len(records) - len(documents)
     if not documents:
         raise ValueError(f"chat_dataset: no conversation of {source_of(records)} has an assistant token to learn "
                          f"within max_length={max_length}")
@@ -133,21 +131,20 @@ def assistant_mask(messages: list[dict], tokenizer, chat_template: str | None = 
 def show_masking(example: dict, tokenizer) -> str:
     """The example's text with each learned span (label != -100) between ⟦ and ⟧; packed documents are
     separated by a line `--- document k ---`. Print it to check what a run will learn."""
-    ids, labels = list(example["input_ids"]), list(example["labels"])
-    positions = example.get("position_ids")
-    pieces, decoded, start = [], "", 0
-    for end in range(1, len(ids) + 1):
-        boundary = end == len(ids) or (labels[end] != IGNORE_INDEX) != (labels[start] != IGNORE_INDEX) or (
-            positions is not None and positions[end] == 0)
-        if not boundary:
-            continue
-        text = tokenizer.decode(ids[:end])
+    ids, positions = list(example["input_ids"]), example.get("position_ids")
+    learned = [label != IGNORE_INDEX for label in example["labels"]]
+    # runs of tokens that are all learned or all not, within one document
+    starts = [t for t in range(len(ids))
+              if t == 0 or learned[t] != learned[t - 1] or (positions is not None and positions[t] == 0)]
+    pieces, decoded, documents = [], "", 0
+    for start, end in zip(starts, [*starts[1:], len(ids)], strict=False):  # unequal only for no tokens
+        text = tokenizer.decode(ids[:end])  # decoded as a prefix, so a run does not lose its leading space
         piece = text[len(decoded):] if text.startswith(decoded) else tokenizer.decode(ids[start:end])
         decoded = text
         if positions is not None and positions[start] == 0:
-            pieces.append(f"{chr(10) if pieces else ''}--- document {sum(p == 0 for p in positions[:start + 1])} ---\n")
-        pieces.append(f"⟦{piece}⟧" if labels[start] != IGNORE_INDEX else piece)
-        start = end
+            documents += 1
+            pieces.append(f"{chr(10) if pieces else ''}--- document {documents} ---\n")
+        pieces.append(f"⟦{piece}⟧" if learned[start] else piece)
     return "".join(pieces)
 
 

@@ -21,9 +21,8 @@ def classification_dataset(records: Sequence[dict], tokenizer, *, text_column: s
     if label_names is not None:
         num_labels = num_labels or len(label_names)
     texts = [get_text(row, text_column, records, i) for i, row in enumerate(records)]
-    pairs = None
-    if text_pair_column is not None:
-        pairs = [get_text(row, text_pair_column, records, i) for i, row in enumerate(records)]
+    pairs = None if text_pair_column is None else [
+        get_text(row, text_pair_column, records, i) for i, row in enumerate(records)]
     labels = [_label(get_field(row, label_column, records, i), i, records, label_column, num_labels, label_names)
               for i, row in enumerate(records)]
 

@@ -7,18 +7,12 @@ import torch
 
 IGNORE_INDEX = -100  # a label the loss skips (prompt tokens, padding, another document's boundary)
 
-# Feature keys the models take, with the value that pads them (None: the tokenizer's pad token id).
-# Other keys (offset_mapping, example_id, ...) stay in the features for post-processing only.
+# Feature keys the models take, with the value that pads them (None: the tokenizer's pad token id; the scalar
+# start/end_positions are never padded). Other keys (offset_mapping, example_id, ...) stay in the features for
+# post-processing only.
 PAD_VALUES: dict[str, int | None] = {
-    "input_ids": None,
-    "attention_mask": 0,
-    "token_type_ids": 0,
-    "labels": IGNORE_INDEX,
-    "position_ids": 0,  # packed rows: positions restart at 0 for each document
-    "decoder_input_ids": None,
-    "decoder_attention_mask": 0,
-    "start_positions": None,  # scalars: never padded
-    "end_positions": None,
+    "input_ids": None, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX, "position_ids": 0,
+    "decoder_input_ids": None, "decoder_attention_mask": 0, "start_positions": None, "end_positions": None,
 }
 
 
@@ -53,16 +47,13 @@ class Collator:
         if not features:
             raise ValueError("Collator: empty batch")
         batch = {}
-        for key in features[0]:
-            if key not in PAD_VALUES:
-                continue
+        for key in [k for k in features[0] if k in PAD_VALUES]:
             try:
                 values = [f[key] for f in features]
             except KeyError:
                 raise KeyError(f"Collator: some features in the batch have no {key!r}") from None
             if isinstance(values[0], (list, tuple)):
-                pad = self.pad_token_id if PAD_VALUES[key] is None else PAD_VALUES[key]
-                batch[key] = self._pad(values, pad)
+                batch[key] = self._pad(values, self.pad_token_id if PAD_VALUES[key] is None else PAD_VALUES[key])
             else:
                 batch[key] = torch.tensor(values)
         return batch
@@ -73,9 +64,6 @@ class Collator:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         out = torch.full((len(sequences), length), pad, dtype=torch.long)
         for i, seq in enumerate(sequences):
-            if len(seq):
-                if self.padding_side == "right":
-                    out[i, :len(seq)] = torch.as_tensor(seq)
-                else:
-                    out[i, length - len(seq):] = torch.as_tensor(seq)
+            start = 0 if self.padding_side == "right" else length - len(seq)
+            out[i, start:start + len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         return out

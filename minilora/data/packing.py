@@ -20,11 +20,10 @@ def pack(documents: list[tuple[list[int], list[int]]], max_length: int, source: 
     for ids, labels in sorted(documents, key=lambda doc: -len(doc[0])):
         if len(ids) > max_length:
             raise ValueError(f"pack: a document of {len(ids)} tokens is longer than max_length={max_length}")
-        row = next((i for i, room in enumerate(free) if room >= len(ids)), None)
-        if row is None:
+        row = next((i for i, room in enumerate(free) if room >= len(ids)), len(rows))
+        if row == len(rows):
             rows.append([])
             free.append(max_length)
-            row = len(rows) - 1
         rows[row].append((ids, labels))
         free[row] -= len(ids)
     features = Features(source=source)

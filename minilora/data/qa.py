@@ -68,13 +68,10 @@ def _answer_span(row: dict, column: str, records, index: int) -> tuple[int, int]
 def _token_span(offsets: list, span: tuple[int, int] | None, cls_index: int) -> tuple[int, int]:
     """Token positions of the character span inside this window, or (cls, cls) when it is not all inside."""
     context = [t for t, o in enumerate(offsets) if o is not None]
-    if span is None or not context:
+    if span is None or not context or offsets[context[0]][0] > span[0] or offsets[context[-1]][1] < span[1]:
         return cls_index, cls_index
-    start_char, end_char = span
-    if offsets[context[0]][0] > start_char or offsets[context[-1]][1] < end_char:
-        return cls_index, cls_index
-    start = max(t for t in context if offsets[t][0] <= start_char)
-    end = min(t for t in context if offsets[t][1] >= end_char)
+    start = max(t for t in context if offsets[t][0] <= span[0])
+    end = min(t for t in context if offsets[t][1] >= span[1])
     return start, end
 
 
@@ -105,13 +102,9 @@ def postprocess_qa_predictions(examples: Sequence[dict], features: Sequence[dict
             starts, ends = np.asarray(start_logits[f_index]), np.asarray(end_logits[f_index])
             for s in np.argsort(starts)[::-1][:n_best]:
                 for e in np.argsort(ends)[::-1][:n_best]:
-                    if s >= len(offsets) or e >= len(offsets) or offsets[s] is None or offsets[e] is None:
-                        continue
-                    if e < s or e - s + 1 > max_answer_length:
-                        continue
-                    score = starts[s] + ends[e]
-                    if score > best_score:
-                        best_score, best_span = score, (offsets[s][0], offsets[e][1])
+                    inside = s < len(offsets) and e < len(offsets) and offsets[s] is not None and offsets[e] is not None
+                    if inside and s <= e < s + max_answer_length and starts[s] + ends[e] > best_score:
+                        best_score, best_span = starts[s] + ends[e], (offsets[s][0], offsets[e][1])
         context = example[context_column]
         predictions[example_id] = context[best_span[0]:best_span[1]] if best_span else ""
     return predictions

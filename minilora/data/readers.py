@@ -32,8 +32,7 @@ def get_field(row: dict, column: str, records: Iterable, index: int) -> Any:
     if not isinstance(row, dict):
         raise TypeError(f"{source_of(records)}: row {index} is a {type(row).__name__}, expected a dict")
     if column not in row:
-        raise KeyError(f"{source_of(records)}: row {index} has no column {column!r} "
-                       f"(columns: {sorted(row)})")
+        raise KeyError(f"{source_of(records)}: row {index} has no column {column!r} (columns: {sorted(row)})")
     return row[column]
 
 
@@ -61,20 +60,18 @@ def load_records(source: str | os.PathLike | Iterable[dict], split: str | None =
     already in memory (a list of dicts). CSV values stay strings. Parquet needs pyarrow
     (`pip install 'minilora[parquet]'`).
     """
-    if not isinstance(source, (str, os.PathLike)):
-        rows = Records(source, source="records")
-        require_rows(rows, "load_records")
-        return rows
-    path = Path(source).expanduser()
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = _split_files(path, split)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            files = _split_files(path, split)
+        else:
+            files = _split_files(_hub_snapshot(str(source), revision), split, where=f"hub dataset {str(source)!r}")
+        rows = Records((row for f in files for row in read_file(f)),
+                       source=str(files[0]) if len(files) == 1 else f"{path} [{split}]")
     else:
-        files = _split_files(_hub_snapshot(str(source), revision), split, where=f"hub dataset {str(source)!r}")
-    rows = Records(source=str(files[0]) if len(files) == 1 else f"{path} [{split}]")
-    for f in files:
-        rows.extend(read_file(f))
+        rows = Records(source, source="records")
     require_rows(rows, "load_records")
     return rows
 
@@ -96,31 +93,21 @@ def read_file(path: str | os.PathLike) -> Records:
 
 def _read_text(path: Path) -> str:
     """The file as text: UTF-8 (a leading BOM dropped); a ValueError naming the file and line otherwise."""
-    data = path.read_bytes()
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise _not_utf8(path, data[:e.start].count(b"\n") + 1, e) from None
-
-
-def _not_utf8(path: Path, line_no: int, error: UnicodeDecodeError) -> ValueError:
-    bad = error.object[error.start:error.start + 1]
-    return ValueError(f"{path}:{line_no}: not UTF-8 text (byte {bad!r}); re-save the file as UTF-8")
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:  # e.object: the bytes after any BOM, which e.start counts from
+        line_no, bad = e.object[:e.start].count(b"\n") + 1, e.object[e.start:e.start + 1]
+        raise ValueError(f"{path}:{line_no}: not UTF-8 text (byte {bad!r}); re-save the file as UTF-8") from None
 
 
 def _read_jsonl(path: Path) -> list:
     rows = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
+    for line_no, line in enumerate(_read_text(path).split("\n"), 1):  # not splitlines: JSON may hold U+2028
+        if line.strip():
             try:
-                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise _not_utf8(path, line_no, e) from None
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: invalid JSON line: {e}") from None
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: invalid JSON line: {e}") from None
     return rows
 
 
@@ -179,19 +166,17 @@ def _split_files(folder: Path, split: str | None, where: str | None = None) -> l
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
         raise FileNotFoundError(f"{where} has no data files ({', '.join(DATA_SUFFIXES)})")
+    listing = [str(p.relative_to(folder)) for p in files][:8]
     if split is None:
         if len(files) > 1:
-            raise ValueError(f"{where} has several data files ({[str(p.relative_to(folder)) for p in files][:8]}): "
-                             "pass split='train' (or another split name)")
+            raise ValueError(f"{where} has several data files ({listing}): pass split='train' (or another split name)")
         return files
     chosen = [p for p in files if p.stem == split or p.stem.startswith((f"{split}-", f"{split}_", f"{split}."))]
     if not chosen:
-        raise FileNotFoundError(f"{where} has no files for split {split!r} (files: "
-                                f"{[str(p.relative_to(folder)) for p in files][:8]})")
+        raise FileNotFoundError(f"{where} has no files for split {split!r} (files: {listing})")
     # one format per split, e.g. train.jsonl wins over the original train-*.parquet beside it
     best = min((p.suffix for p in chosen), key=DATA_SUFFIXES.index)
-    chosen = [p for p in chosen if p.suffix == best]
-    return chosen
+    return [p for p in chosen if p.suffix == best]
 
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path:

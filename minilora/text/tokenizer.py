@@ -14,8 +14,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from minilora.text.chat_template import render_builtin_chat, render_chat  # noqa: F401  (re-exported)
 from minilora.checks import check_number
+from minilora.text.chat_template import render_builtin_chat, render_chat  # noqa: F401  (re-exported)
+from minilora.text.special_tokens import (apply_bos_eos_flags, post_processor_without_leading,
+                                          register_special_tokens, returns_token_type_ids)
 
 if TYPE_CHECKING:
     import tokenizers
@@ -25,10 +27,6 @@ TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 NO_MAX_LENGTH = int(1e30)  # transformers' model_max_length when the config gives none
 _UNLIMITED = int(1e20)  # a model_max_length above this means "no limit" (transformers' LARGE_INTEGER)
-# Tokenizer classes of models with segment embeddings, i.e. that take token_type_ids.
-_SEGMENT_ID_CLASSES = {"BertTokenizer", "ElectraTokenizer", "MobileBertTokenizer", "ConvBertTokenizer",
-                       "SqueezeBertTokenizer", "LayoutLMTokenizer", "FunnelTokenizer"}
-_GENERIC_CLASSES = {"", "PreTrainedTokenizer", "TokenizersBackend"}
 _TRUNCATION = {False: None, "do_not_truncate": None, True: "longest_first", "longest_first": "longest_first",
                "only_first": "only_first", "only_second": "only_second"}
 _PADDING = {False: None, "do_not_pad": None, True: "longest", "longest": "longest", "max_length": "max_length"}
@@ -60,9 +58,7 @@ class BatchEncoding(dict):
 
     def to(self, device: str | torch.device) -> BatchEncoding:
         """Move every tensor to `device` (in place; returns self)."""
-        for key, value in self.items():
-            if hasattr(value, "to"):
-                self[key] = value.to(device)
+        self.update({key: value.to(device) for key, value in self.items() if hasattr(value, "to")})
         return self
 
 
@@ -84,12 +80,10 @@ class Tokenizer:
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         self.chat_template = chat_template or _default_template(config.get("chat_template"))
         self._special = {key: _token_content(config.get(key)) for key in SPECIAL_TOKEN_NAMES}
-        self._register_special_tokens(config)
-        self._apply_bos_eos_flags(config)
-        processor = _processor_config(self._tk)
-        self.returns_token_type_ids = _returns_token_type_ids(config, processor)
-        without_bos = _drop_leading_token(processor, self.bos_token_id)
-        self._no_bos_processor = _build_processor(without_bos) if without_bos is not None else None
+        register_special_tokens(self._tk, config, list(self._special.values()))
+        apply_bos_eos_flags(self._tk, config, (self.bos_token, self.bos_token_id), (self.eos_token, self.eos_token_id))
+        self.returns_token_type_ids = returns_token_type_ids(self._tk, config)
+        self._no_bos_processor = post_processor_without_leading(self._tk, self.bos_token_id)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> Tokenizer:
@@ -179,14 +173,10 @@ class Tokenizer:
         return self._tk.get_vocab(with_added_tokens=True)
 
     def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | None | list[int | None]:
-        if isinstance(tokens, str):
-            return self._id_of(tokens)
-        return [self._id_of(t) for t in tokens]
+        return self._id_of(tokens) if isinstance(tokens, str) else [self._id_of(t) for t in tokens]
 
     def convert_ids_to_tokens(self, ids: int | list[int]) -> str | None | list[str | None]:
-        if isinstance(ids, int):
-            return self._tk.id_to_token(ids)
-        return [self._tk.id_to_token(int(i)) for i in ids]
+        return self._tk.id_to_token(ids) if isinstance(ids, int) else [self._tk.id_to_token(int(i)) for i in ids]
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab={len(self)}, special={self.special_tokens_map})"
@@ -220,9 +210,7 @@ class Tokenizer:
         if pad_mode is not None and self.pad_token_id is None:
             raise ValueError(f"{self.name or 'this tokenizer'} has no pad token, so it cannot pad; set one first, "
                              f"e.g. `tok.pad_token = tok.eos_token` ({self.eos_token!r})")
-        if strategy is None:
-            self._tk.no_truncation()
-        else:
+        if strategy is not None:  # the backend is reset to no truncation after every call
             self._tk.enable_truncation(max_length, stride=stride, strategy=strategy, direction=self.truncation_side)
         try:
             encodings = self._encode_batch(texts, pairs, add_special_tokens)
@@ -233,18 +221,15 @@ class Tokenizer:
             self._tk.no_truncation()
         self._pad(encodings, pad_mode, max_length, pad_to_multiple_of)
 
-        rows, sample_of_row = [], []
-        for i, encoding in enumerate(encodings):
-            extra = encoding.overflowing if return_overflowing_tokens else []
-            rows += [encoding, *extra]
-            sample_of_row += [i] * (1 + len(extra))
+        groups = [[e, *e.overflowing] if return_overflowing_tokens else [e] for e in encodings]
+        rows = [row for group in groups for row in group]
         data: dict[str, Any] = {"input_ids": [r.ids for r in rows], "attention_mask": [r.attention_mask for r in rows]}
         if self.returns_token_type_ids if return_token_type_ids is None else return_token_type_ids:
             data["token_type_ids"] = [r.type_ids for r in rows]
         if return_offsets_mapping:
             data["offset_mapping"] = [r.offsets for r in rows]
         if return_overflowing_tokens:
-            data["overflow_to_sample_mapping"] = sample_of_row
+            data["overflow_to_sample_mapping"] = [i for i, group in enumerate(groups) for _ in group]
         if return_tensors is not None:
             data = _to_tensors(data, return_tensors)
         elif not batched and not return_overflowing_tokens:
@@ -289,22 +274,19 @@ class Tokenizer:
     def _encode_batch(self, texts: list[str], pairs: list[str] | None,
                       add_special_tokens: bool) -> list[tokenizers.Encoding]:
         inputs = texts if pairs is None else list(zip(texts, pairs, strict=True))
-        starts_with_bos = [bool(self.bos_token) and t.startswith(self.bos_token) for t in texts]
-        if not (add_special_tokens and self._no_bos_processor is not None and any(starts_with_bos)):
+        has_bos = [bool(self.bos_token) and t.startswith(self.bos_token) for t in texts]
+        if not (add_special_tokens and self._no_bos_processor is not None and any(has_bos)):
             return self._tk.encode_batch(inputs, add_special_tokens=add_special_tokens)
         # Texts that already start with BOS are encoded with a post-processor that does not add one.
-        plain = [i for i, has_bos in enumerate(starts_with_bos) if not has_bos]
-        with_bos = [i for i, has_bos in enumerate(starts_with_bos) if has_bos]
-        encodings: list[Any] = [None] * len(inputs)
-        for i, encoding in zip(plain, self._tk.encode_batch([inputs[i] for i in plain]), strict=True):
-            encodings[i] = encoding
-        usual_processor, self._tk.post_processor = self._tk.post_processor, self._no_bos_processor
+        usual_processor, encodings = self._tk.post_processor, {}
         try:
-            for i, encoding in zip(with_bos, self._tk.encode_batch([inputs[i] for i in with_bos]), strict=True):
-                encodings[i] = encoding
+            for processor, bos_group in ((usual_processor, False), (self._no_bos_processor, True)):
+                self._tk.post_processor = processor
+                group = [i for i, b in enumerate(has_bos) if b == bos_group]
+                encodings.update(zip(group, self._tk.encode_batch([inputs[i] for i in group]), strict=True))
         finally:
             self._tk.post_processor = usual_processor
-        return encodings
+        return [encodings[i] for i in range(len(inputs))]
 
     def _pad(self, encodings: list[tokenizers.Encoding], mode: str | None, max_length: int | None,
              multiple_of: int | None) -> None:
@@ -321,54 +303,6 @@ class Tokenizer:
         for encoding in encodings:  # pads the overflowing rows too
             encoding.pad(length, direction=self.padding_side, pad_id=self.pad_token_id, pad_type_id=0,
                          pad_token=self.pad_token)
-
-    def _register_special_tokens(self, config: dict[str, Any]) -> None:
-        """Make every token the config names special (as transformers does), keeping tokenizer.json's flags."""
-        from tokenizers import AddedToken
-
-        declared = config.get("added_tokens_decoder")
-        wanted = [t for t in declared.values() if isinstance(t, dict)] if isinstance(declared, dict) else []
-        extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
-        extra = list(extra.values()) if isinstance(extra, dict) else list(extra)
-        for token in [*(self._special[key] for key in SPECIAL_TOKEN_NAMES), *extra]:
-            if isinstance(token, dict):
-                wanted.append({**token, "special": True})
-            elif isinstance(token, str):
-                wanted.append({"content": token, "special": True, "normalized": False})
-        added = {t.content: t for t in self._tk.get_added_tokens_decoder().values()}
-        flag_names = ("single_word", "lstrip", "rstrip", "normalized")
-        for spec in wanted:
-            have = added.get(spec["content"])
-            if have is not None and (have.special or not spec.get("special")):
-                continue
-            flags = {k: getattr(have, k) if have is not None else spec[k] for k in flag_names
-                     if have is not None or k in spec}
-            token = AddedToken(spec["content"], **flags, special=bool(spec.get("special")))
-            self._tk.add_special_tokens([token]) if token.special else self._tk.add_tokens([token])
-            added[token.content] = token
-
-    def _apply_bos_eos_flags(self, config: dict[str, Any]) -> None:
-        """Honour add_bos_token / add_eos_token from tokenizer_config.json when tokenizer.json disagrees."""
-        if "add_bos_token" not in config and "add_eos_token" not in config:
-            return
-        bos, eos, bos_id, eos_id = self.bos_token, self.eos_token, self.bos_token_id, self.eos_token_id
-        ids = self._tk.encode("", add_special_tokens=True).ids
-        adds_bos, adds_eos = bos_id is not None and ids[:1] == [bos_id], eos_id is not None and ids[-1:] == [eos_id]
-        want_bos = bool(config.get("add_bos_token", adds_bos)) and bos_id is not None
-        want_eos = bool(config.get("add_eos_token", adds_eos)) and eos_id is not None
-        if (want_bos, want_eos) == (adds_bos, adds_eos):
-            return
-        from tokenizers import processors
-
-        single = f"{bos + ':0 ' if want_bos else ''}$A:0{' ' + eos + ':0' if want_eos else ''}"
-        pair = f"{single}{' ' + bos + ':1' if want_bos else ''} $B:1{' ' + eos + ':1' if want_eos else ''}"
-        specials = [(bos, bos_id)] * want_bos + [(eos, eos_id)] * want_eos
-        template = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
-        current = self._tk.post_processor
-        if current is None or current.num_special_tokens_to_add(False) > 0:
-            self._tk.post_processor = template
-        else:  # keep e.g. ByteLevel's offset trimming
-            self._tk.post_processor = processors.Sequence([current, template])
 
 
 _CLEAN_UP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
@@ -434,65 +368,8 @@ def _missing_tokenizer_json_message(folder: Path) -> str:
     if not folder.is_dir():
         return f"tokenizer folder {folder} does not exist"
     sentencepiece = sorted(p.name for p in folder.glob("*.model"))
-    found = f"only the sentencepiece model {sentencepiece}" if sentencepiece else (
-        "no tokenizer files" + (f" (it has {sorted(p.name for p in folder.iterdir())[:8]})"))
+    found = (f"only the sentencepiece model {sentencepiece}" if sentencepiece
+             else f"no tokenizer files (it has {sorted(p.name for p in folder.iterdir())[:8]})")
     return (f"{folder} has no tokenizer.json, {found}; minilora reads the `tokenizers` format only. Convert it "
             "once where transformers is installed: `AutoTokenizer.from_pretrained(folder).save_pretrained(folder)` "
             "writes tokenizer.json")
-
-
-def _processor_config(backend: tokenizers.Tokenizer) -> dict | None:
-    processor = backend.post_processor
-    return None if processor is None else json.loads(processor.__getstate__())
-
-
-def _build_processor(config: dict) -> Any:
-    """A post-processor object from its JSON config (tokenizers only deserialises whole tokenizers)."""
-    import tokenizers
-
-    shell = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-             "pre_tokenizer": None, "post_processor": config, "decoder": None,
-             "model": {"type": "WordLevel", "vocab": {}, "unk_token": "<unk>"}}
-    return tokenizers.Tokenizer.from_str(json.dumps(shell)).post_processor
-
-
-def _drop_leading_token(config: dict | None, token_id: int | None) -> dict | None:
-    """The post-processor config without the `token_id` it puts first; None when it puts none there."""
-    if config is None or token_id is None:
-        return None
-    if config["type"] == "Sequence":
-        for i, inner in enumerate(config["processors"]):
-            changed = _drop_leading_token(inner, token_id)
-            if changed is not None:
-                return {**config, "processors": [*config["processors"][:i], changed, *config["processors"][i + 1:]]}
-        return None
-    if config["type"] != "TemplateProcessing" or not config["single"]:
-        return None
-    first = config["single"][0].get("SpecialToken")
-    if first is None or config["special_tokens"][first["id"]]["ids"] != [token_id]:
-        return None
-    pair = config["pair"]
-    if pair and pair[0].get("SpecialToken", {}).get("id") == first["id"]:
-        pair = pair[1:]
-    return {**config, "single": config["single"][1:], "pair": pair}
-
-
-def _returns_token_type_ids(config: dict[str, Any], processor: dict | None) -> bool:
-    """transformers returns token_type_ids per tokenizer class; for a generic class, guess from whether
-    the pair template gives the second text segment id 1 (BERT-style)."""
-    if config.get("model_input_names") is not None:
-        return "token_type_ids" in config["model_input_names"]
-    name = (config.get("tokenizer_class") or "").removesuffix("Fast")
-    if name not in _GENERIC_CLASSES:
-        return name in _SEGMENT_ID_CLASSES
-    return _pair_uses_segment_ids(processor)
-
-
-def _pair_uses_segment_ids(config: dict | None) -> bool:
-    if config is None:
-        return False
-    if config["type"] == "Sequence":
-        return any(_pair_uses_segment_ids(inner) for inner in config["processors"])
-    if config["type"] == "TemplateProcessing":
-        return any(next(iter(piece.values()))["type_id"] != 0 for piece in config["pair"])
-    return config["type"] == "BertProcessing"
