@@ -239,3 +239,11 @@ def test_adapter_with_an_integer_tensor_is_refused(tmp_path):
     fails_unchanged(folder, ValueError, str(weights), key.removeprefix("base_model.model."), "torch.int32",
                     call=lambda: ml.load_adapter(fresh, folder))
     assert_same_state(fresh, before)
+
+
+def test_save_pretrained_without_a_savable_config_writes_nothing(tmp_path):
+    model = tiny_llama()
+    model.config = object()  # neither a loaded config (no `raw`) nor a dataclass
+    with pytest.raises(ValueError, match="config"):
+        save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

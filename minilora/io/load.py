@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import json
 import os
 import re
 import warnings
@@ -25,6 +24,7 @@ from minilora.device import resolve_device
 from minilora.io import config_checks as load_checks
 from minilora.io.config_checks import MAX_NUM_LABELS, key_list
 from minilora.io.hub import resolve_model_dir
+from minilora.io.json_file import read_json_object
 from minilora.io.safetensors_file import (  # noqa: F401 (re-exported: callers import them from minilora.io.load)
     Checkpoint, CheckpointError, LazyTensor, SafetensorsFile, load_safetensors, save_safetensors)
 from minilora.models import model_classes
@@ -60,7 +60,7 @@ def from_pretrained(path_or_id: str | os.PathLike, task: str | None = None, num_
     use changes the pages not read yet (as with safetensors' and transformers' mapped loading).
     """
     model_dir = resolve_model_dir(path_or_id, revision)
-    config_dict = _read_json(model_dir / "config.json")
+    config_dict = read_json_object(model_dir / "config.json")
     if num_labels is not None:
         set_num_labels(config_dict, num_labels)
     config_class, model_class = model_classes(config_dict, task)
@@ -98,18 +98,6 @@ def _no_random_init():
     finally:
         for n, f in saved.items():
             setattr(nn.init, n, f)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _checked_config(config_class: type, config_dict: dict, checkpoint: Checkpoint, source: Path):

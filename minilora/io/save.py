@@ -32,9 +32,9 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, max_shard_size
     if lora:
         raise ValueError(f"the model still has LoRA layers ({key_list(lora, 3)}): call ml.merge_and_unload(model) "
                          "first to save a full model, or ml.save_adapter(model, dir) to save only the adapter")
+    config, tensors = _config_to_save(model), _tensors_to_save(model)  # both raise before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = _tensors_to_save(model)
     shards = _split_into_shards(tensors, _parse_size(max_shard_size))
     n = len(shards)
     written = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
@@ -48,7 +48,7 @@ def save_pretrained(model: nn.Module, out_dir: str | os.PathLike, max_shard_size
     for stale in [*out.glob("model.safetensors*"), *out.glob("model-*-of-*.safetensors")]:
         if stale.name not in written:
             stale.unlink()
-    _write_json(_config_to_save(model), out / "config.json")
+    _write_json(config, out / "config.json")
     return out
 
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minilora.io.atomic import atomic_write
+from minilora.io.json_file import read_json_object
 from minilora.lora.config import LoraConfig
 from minilora.lora.inject import apply_lora, find_lora_targets, lora_layers, modules_to_save_paths
 
@@ -113,13 +114,7 @@ def read_adapter(path_or_id: str | os.PathLike, revision: str | None = None
     config_file, weights_file = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{config_file} must hold a JSON object, got {type(raw).__name__}")
-    config = LoraConfig.from_peft_dict(raw, source=str(config_file))
+    config = LoraConfig.from_peft_dict(read_json_object(config_file), source=str(config_file))
     if not weights_file.is_file():
         hint = " (pickled adapter_model.bin files are never loaded)" if (folder / "adapter_model.bin").exists() else ""
         raise FileNotFoundError(f"{weights_file} not found{hint}")

@@ -9,12 +9,12 @@ data, "<s>[INST] ...") does not get a second BOS.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from minilora.checks import check_number
+from minilora.io.json_file import read_json_object
 from minilora.text.chat_template import render_builtin_chat, render_chat  # noqa: F401  (re-exported)
 from minilora.text.special_tokens import (apply_bos_eos_flags, post_processor_without_leading,
                                           register_special_tokens, returns_token_type_ids)
@@ -99,8 +99,8 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust parser raises a bare Exception
             raise ValueError(f"{path} is not a valid `tokenizers` file: {e}") from e
-        config = _read_json_object(folder / "tokenizer_config.json")
-        special_map = _read_json_object(folder / "special_tokens_map.json")
+        config, special_map = (read_json_object(folder / name) if (folder / name).is_file() else {}
+                               for name in ("tokenizer_config.json", "special_tokens_map.json"))
         config.update({k: v for k, v in special_map.items() if v is not None})
         template_file = folder / "chat_template.jinja"
         template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
@@ -350,18 +350,6 @@ def _default_template(value: Any) -> str | None:
     if isinstance(value, list):
         value = {t.get("name"): t.get("template") for t in value}.get("default")
     return value if isinstance(value, str) else None
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _missing_tokenizer_json_message(folder: Path) -> str:
