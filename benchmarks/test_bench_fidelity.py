@@ -33,7 +33,8 @@ def test_fidelity(compare, bench, mode):
 
 
 def plot(mode: str, pairs: dict[str, dict]) -> None:
-    """Loss decrease since step 0 of every stack, per step, into results/fidelity-<mode>.png."""
+    """Loss decrease since step 0 of every stack, and its ratio to the reference's, per step, into
+    results/fidelity-<mode>.png."""
     try:
         import matplotlib
     except ImportError:
@@ -41,17 +42,23 @@ def plot(mode: str, pairs: dict[str, dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for stack, result in pairs.items():
+    fig, (ax, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ratios = report.fidelity_ratios(pairs)
+    for i, (stack, result) in enumerate(pairs.items()):
         if result.get("status") == "ok":
             losses = result["losses"]
-            ax.plot(range(len(losses)), [losses[0] - x for x in losses], marker=".",
-                    label=f"{stack}: {result['recipe']}", linestyle="--" if stack == "reference" else "-")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss decrease since step 0")
-    ax.set_title(f"{LABELS[mode]}, Llama-2-7B width (2 layers), same weights, init and batch", fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+            style = {"marker": ".", "color": f"C{i}", "linestyle": "--" if stack == "reference" else "-"}
+            ax.plot(range(len(losses)), [losses[0] - x for x in losses], label=f"{stack}: {result['recipe']}",
+                    **style)
+            if stack in ratios:
+                ax_ratio.plot(range(1, len(ratios[stack]) + 1), ratios[stack], label=stack, **style)
+    ax.set(xlabel="optimizer step", ylabel="loss decrease since step 0")
+    ax_ratio.set(xlabel="optimizer step", ylabel="loss decrease / the fp32 reference's")
+    ax_ratio.axhspan(1 - report.FIDELITY_TOLERANCE, 1 + report.FIDELITY_TOLERANCE, color="0.9", label="target")
+    fig.suptitle(f"{LABELS[mode]}, Llama-2-7B width (2 layers), same weights, init and batch", fontsize=9)
+    for a in (ax, ax_ratio):
+        a.legend(fontsize=7)
+        a.grid(alpha=0.3)
     fig.tight_layout()
     report.RESULTS_DIR.mkdir(exist_ok=True)
     fig.savefig(report.RESULTS_DIR / f"fidelity-{mode}.png", dpi=110)
