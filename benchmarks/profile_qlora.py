@@ -4,7 +4,8 @@
 
 The 2-layer hidden-4096 checkpoint of the fidelity case (`pytest benchmarks --benchmark -k fidelity` builds
 it) stands in for the 32-layer 7B model: every layer is the same, so the per-layer split is the 7B split.
-Both stacks load it with quantize NF4 (double quant, QLoRA's fp32 residual), LoRA r=16 on all seven
+Both stacks load it with quantize NF4 (double quant, QLoRA's fp32 residual; bf16 products, or fp32 ones on
+CPUs without fast bf16 kernels, where peft's would take PyTorch's reference kernel), LoRA r=16 on all seven
 projections, dropout 0.05, gradient checkpointing, batch 1 x 256. Self CPU time of every op is summed into
 dequantize (bitsandbytes' 4-bit and blockwise kernels), matmul (mm / addmm / bmm / linear), and the rest.
 """
@@ -46,12 +47,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
     torch.manual_seed(0)
+    from minilora.ops.gemm import cpu_has_fast_bf16_gemm
+
+    precision = "nf4" if cpu_has_fast_bf16_gemm() else "nf4-fp32"
     path = assets.checkpoint_dir(WIDE)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
-        model = load(args.stack, path, precision="nf4", device=torch.device("cpu"))
+        model = load(args.stack, path, precision=precision, device=torch.device("cpu"))
         wall = time.perf_counter() - start
-    show(f"{args.stack} NF4 load of 2 hidden-4096 layers + embeddings and head", wall, split(prof))
+    show(f"{args.stack} {precision} load of 2 hidden-4096 layers + embeddings and head", wall, split(prof))
     model = add_lora(args.stack, model, r=16, alpha=32, dropout=0.05, targets=LLAMA_PROJECTIONS)
     seeded_lora_init(model, 0)
     enable_gradient_checkpointing(args.stack, model)
@@ -71,7 +75,7 @@ def main() -> None:
             step(batch)
         wall = (time.perf_counter() - start) / args.steps
     groups = {g: s / args.steps for g, s in split(prof).items()}
-    show(f"{args.stack} QLoRA step (per step, 2 layers, gradient checkpointing, 1 x 256)", wall, groups)
+    show(f"{args.stack} {precision} QLoRA step (per step, 2 layers, gradient checkpointing, 1 x 256)", wall, groups)
 
 
 if __name__ == "__main__":
