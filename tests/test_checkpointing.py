@@ -206,3 +206,43 @@ def test_qlora_steps_with_checkpointing_lower_the_loss_on_smollm2(one_thread):
         losses.append(loss.item())
     assert losses[2] < losses[1] < losses[0], losses
     assert all(m.weight.grad is None for m in model.modules() if isinstance(m, quant.NF4Linear))
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_checkpointing_reuses_the_recomputed_dense_weight_and_plain_training_keeps_none(tmp_path, family,
+                                                                                       monkeypatch):
+    """Under checkpointing the backward pass dequantizes each NF4 weight once (the recompute), not twice (the
+    recompute and the input gradient): the backward reuses what the recompute made. Without checkpointing no
+    dense weight is saved between forward and backward."""
+    path = _save_tiny_hf(tmp_path, family)
+    model = ml.from_pretrained(path, quantize="nf4", dtype=torch.float32)
+    ml.apply_lora(model, ml.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[family], init_lora_weights=False))
+    model.train()
+    dense = []  # (layer, shape) of every dequantization
+    dequantize = quant.NF4Linear.dequantize
+
+    def counting(self, dtype=None):
+        weight = dequantize(self, dtype)
+        dense.append((id(self), tuple(weight.shape)))
+        return weight
+
+    monkeypatch.setattr(quant.NF4Linear, "dequantize", counting)
+    loss_fn, grads, saved = _loss_fn(family), [], []
+    for enabled in (False, True):
+        enable_gradient_checkpointing(model, enabled)
+        model.zero_grad(set_to_none=True)
+        dense.clear()
+        saved.clear()
+        torch.manual_seed(1234)  # the same dropout masks both ways
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            loss = loss_fn(model)
+        in_forward, dense[:] = list(dense), []
+        loss.backward()
+        assert len({layer for layer, _ in in_forward}) == len(in_forward) >= 8  # each quantized layer once
+        if enabled:
+            assert sorted(dense) == sorted(in_forward)
+        else:
+            dense_shapes = {shape for _, shape in in_forward}
+            assert saved and not dense_shapes & set(saved), dense_shapes & set(saved)
+        grads.append(trainable_grads(model))
+    assert_same_grads(*grads)

@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from minilora.ops.checkpointed import checkpointed_block
+
 
 def run_block(owner: nn.Module, block: nn.Module, *args, **kwargs):
     """Call `block(*args, **kwargs)`, recomputing its activations in backward when `owner` asks for it.
@@ -13,8 +15,15 @@ def run_block(owner: nn.Module, block: nn.Module, *args, **kwargs):
     checkpoints while autograd records (training or a grad-enabled eval pass), never under no_grad.
     """
     if getattr(owner, "gradient_checkpointing", False) and torch.is_grad_enabled():
-        return checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return checkpoint(_checkpointed(block), *args, use_reentrant=False, **kwargs)
     return block(*args, **kwargs)
+
+
+def _checkpointed(block: nn.Module):
+    def run(*args, **kwargs):
+        with checkpointed_block():  # frozen layers may save their dense weight: it is recomputed, not kept
+            return block(*args, **kwargs)
+    return run
 
 
 def enable_gradient_checkpointing(model: nn.Module, enabled: bool = True) -> nn.Module:

@@ -13,6 +13,8 @@ Written out by hand because autograd's version makes more passes over memory:
   compute in a narrower dtype than x (`computes[i]`; QLoRA: bf16 products in an fp32 residual stream): its
   product takes x and W in that dtype and is rounded to it, as the base alone returns it, and the update is
   added in x's dtype, where a small update is not rounded away;
+- a frozen weight is made again in backward (a dequantization stays transient), except inside a
+  gradient-checkpointed block, where the recompute just made it: there it is saved (`ops.checkpointed`);
 - a base that cannot run inside (trainable, hooked, under autocast) is computed by the caller and passed as
   `outs[i]`; the update is added into it in place where autograd allows, and its gradient flows back through
   autograd as usual.
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from minilora.ops import gemm
+from minilora.ops.checkpointed import saves_are_recomputed
 
 FrozenWeight = Callable[[torch.dtype], torch.Tensor]  # dtype -> the frozen (out, in) weight in that dtype
 
@@ -66,7 +69,7 @@ class _LoraUpdate(torch.autograd.Function):
             scaled_b_ts = [(b.t() * s).to(dtype).contiguous() for b, s in zip(b_factors, scalings, strict=True)]
             a_all = h2.to(mm) @ a_weight.to(mm).t()
             inputs = {}  # x in each compute dtype of the bases, converted once
-            results, dirty = [], []
+            results, dirty, weights = [], [], []
             for base, bias, out, a, b_t in zip(frozen, biases, outs, a_all.split([a.shape[0] for a in a_factors], -1),
                                                scaled_b_ts, strict=True):
                 if out is None:  # the frozen base runs here, in its compute dtype
@@ -75,7 +78,8 @@ class _LoraUpdate(torch.autograd.Function):
                     if compute not in inputs:
                         inputs[compute] = x2.to(compute).to(mm_base)
                     bias = None if bias is None else bias.to(compute).to(mm_base)
-                    y = F.linear(inputs[compute], weight(compute).to(mm_base), bias)
+                    weights.append(weight(compute))
+                    y = F.linear(inputs[compute], weights[-1].to(mm_base), bias)
                     y = (y if compute == dtype else y.to(compute).to(mm)).addmm_(a, b_t.to(mm))
                     results.append(y.view(*x.shape[:-1], y.shape[-1]).to(dtype))
                     continue
@@ -89,7 +93,8 @@ class _LoraUpdate(torch.autograd.Function):
                 results.append(out if in_place else y.view(out.shape))
                 dirty += [out] if in_place else []
             ctx.mark_dirty(*dirty)
-        ctx.save_for_backward(h2, keep2, a_all, a_weight, *scaled_b_ts)
+        ctx.saved_weights = saves_are_recomputed()
+        ctx.save_for_backward(h2, keep2, a_all, a_weight, *scaled_b_ts, *(weights if ctx.saved_weights else ()))
         ctx.frozen, ctx.scalings, ctx.x_shape, ctx.x_dtype = frozen, scalings, x.shape, x.dtype
         ctx.factor_dtypes = ([a.dtype for a in a_factors], [b.dtype for b in b_factors])
         return tuple(results)
@@ -97,10 +102,12 @@ class _LoraUpdate(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        h2, keep2, a_all, a_weight, *scaled_b_ts = ctx.saved_tensors
+        h2, keep2, a_all, a_weight, *rest = ctx.saved_tensors
+        n = len(grads)
+        scaled_b_ts, saved_weights = rest[:n], iter(rest[n:])
         a_dtypes, b_dtypes = ctx.factor_dtypes
         dtype, mm = h2.dtype, a_all.dtype
-        n, ranks = len(grads), [b_t.shape[0] for b_t in scaled_b_ts]
+        ranks = [b_t.shape[0] for b_t in scaled_b_ts]
         needs_out, needs_a, needs_b = (ctx.needs_input_grad[5 + i * n:5 + (i + 1) * n] for i in range(3))
         gs = [g.reshape(-1, g.shape[-1]).to(mm) for g in grads]
         grad_a = torch.cat([g @ b_t.to(mm).t() for g, b_t in zip(gs, scaled_b_ts, strict=True)], dim=-1)
@@ -111,7 +118,7 @@ class _LoraUpdate(torch.autograd.Function):
                     continue
                 weight, compute = base[0], base[1] or dtype  # as the base's own backward: g and W in that dtype
                 mm_base = gemm.gemm_dtype(compute, g.device, g.shape[0])
-                w = weight(compute).to(mm_base)
+                w = (next(saved_weights) if ctx.saved_weights else weight(compute)).to(mm_base)
                 g_in = g if compute == dtype else g.to(compute).to(mm_base)
                 if mm_base == mm:
                     grad_x = g_in @ w if grad_x is None else grad_x.addmm_(g_in, w)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from minilora.ops import gemm
+from minilora.ops.checkpointed import saves_are_recomputed
 from minilora.quant import format as quant_format
 from minilora.quant.bnb import import_bitsandbytes, check_blocksize
 from minilora.quant.config import COMPUTE_DTYPES, QuantConfig
@@ -31,20 +32,25 @@ class _FrozenLinearFn(torch.autograd.Function):
 
     What bnb.matmul_4bit computes on CPU, for both layer types, without its per-call checks. Saving W for
     backward would skip one dequantization but keep a dense copy of every quantized weight alive until
-    backward: not worth it for QLoRA, whose point is memory.
+    backward: not worth it for QLoRA, whose point is memory. Inside a gradient-checkpointed block W is saved
+    (`ops.checkpointed`): the recompute just made it, and it lives only during that block's backward.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.layer = layer
-        return gemm.linear(x, layer.dequantize(x.dtype), bias)
+        ctx.layer, weight = layer, layer.dequantize(x.dtype)
+        if saves_are_recomputed():
+            ctx.save_for_backward(weight)
+        return gemm.linear(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = gemm.matmul(grad_out, ctx.layer.dequantize(grad_out.dtype))
+            saved = ctx.saved_tensors
+            weight = saved[0] if saved else ctx.layer.dequantize(grad_out.dtype)
+            grad_x = gemm.matmul(grad_out, weight)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, None, grad_bias
