@@ -1,6 +1,7 @@
 """Gradient checkpointing: the same gradients as without it (LoRA, NF4 bases, dropout, eval mode), with the
 blocks really recomputed, and no `enable_input_require_grads` workaround for frozen embeddings."""
 import json
+import weakref
 
 import pytest
 import torch
@@ -218,12 +219,14 @@ def test_checkpointing_reuses_the_recomputed_dense_weight_and_plain_training_kee
     model = ml.from_pretrained(path, quantize="nf4", dtype=torch.float32)
     ml.apply_lora(model, ml.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[family], init_lora_weights=False))
     model.train()
-    dense = []  # (layer, shape) of every dequantization
+    dense, alive, most_alive = [], [], [0]  # (layer, shape) of every dequantization; weak refs to the results
     dequantize = quant.NF4Linear.dequantize
 
     def counting(self, dtype=None):
         weight = dequantize(self, dtype)
         dense.append((id(self), tuple(weight.shape)))
+        alive.append(weakref.ref(weight))
+        most_alive[0] = max(most_alive[0], sum(ref() is not None for ref in alive))
         return weight
 
     monkeypatch.setattr(quant.NF4Linear, "dequantize", counting)
@@ -233,6 +236,7 @@ def test_checkpointing_reuses_the_recomputed_dense_weight_and_plain_training_kee
         model.zero_grad(set_to_none=True)
         dense.clear()
         saved.clear()
+        most_alive[0] = 0
         torch.manual_seed(1234)  # the same dropout masks both ways
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
             loss = loss_fn(model)
@@ -241,6 +245,8 @@ def test_checkpointing_reuses_the_recomputed_dense_weight_and_plain_training_kee
         assert len({layer for layer, _ in in_forward}) == len(in_forward) >= 8  # each quantized layer once
         if enabled:
             assert sorted(dense) == sorted(in_forward)
+            if family == "llama":  # one block's dense weights at a time (T5's blocks differ in size)
+                assert most_alive[0] == len(in_forward) // len(model.model.layers)
         else:
             dense_shapes = {shape for _, shape in in_forward}
             assert saved and not dense_shapes & set(saved), dense_shapes & set(saved)
