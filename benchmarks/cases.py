@@ -27,7 +27,7 @@ from benchmarks.measure import (
 from benchmarks.runner import RESULT_MARKER
 from benchmarks.stacks import (
     LLAMA_PROJECTIONS, Missing, add_lora, canonical_name, count_parameters, enable_gradient_checkpointing,
-    generate, load, load_adapter, merge_and_unload, minilora_api, save_adapter, seeded_lora_init,
+    fast_bf16_products, generate, load, load_adapter, merge_and_unload, minilora_api, save_adapter, seeded_lora_init,
 )
 
 BERT_TARGETS = ["query", "key", "value", "dense"]
@@ -183,9 +183,7 @@ def fidelity(stack: str, mode: str = "qlora", steps: int = 20, batch_size: int =
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     autocast = stack.endswith("+autocast") or (stack == "peft" and mode == "qlora")
-    from minilora.ops.gemm import cpu_has_fast_bf16_gemm
-
-    emulate = dev.type == "cpu" and not cpu_has_fast_bf16_gemm()  # PyTorch's bf16 GEMM is its reference kernel
+    emulate = not fast_bf16_products(dev)
     products = Bf16ProductsInFp32() if emulate else contextlib.nullcontext()
     losses, times = [], []
     for _ in range(steps):

@@ -20,7 +20,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import assets
 from benchmarks.cases import WIDE
-from benchmarks.stacks import LLAMA_PROJECTIONS, add_lora, enable_gradient_checkpointing, load, seeded_lora_init
+from benchmarks.stacks import (
+    LLAMA_PROJECTIONS, add_lora, enable_gradient_checkpointing, fast_bf16_products, load, seeded_lora_init,
+)
 
 GROUPS = {"dequantize": ("bitsandbytes::dequantize",), "quantize": ("bitsandbytes::quantize", "aten::bucketize"),
           "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product")}
@@ -47,9 +49,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
     torch.manual_seed(0)
-    from minilora.ops.gemm import cpu_has_fast_bf16_gemm
-
-    precision = "nf4" if cpu_has_fast_bf16_gemm() else "nf4-fp32"
+    precision = "nf4" if fast_bf16_products("cpu") else "nf4-fp32"
     path = assets.checkpoint_dir(WIDE)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()

@@ -42,6 +42,13 @@ def minilora_api(*names: str):
     return ml
 
 
+def fast_bf16_products(device: torch.device | str) -> bool:
+    """Whether bf16 matrix products on `device` run on fast kernels, not PyTorch's CPU reference GEMM (AVX2)."""
+    from minilora.ops.gemm import cpu_has_fast_bf16_gemm
+
+    return torch.device(device).type != "cpu" or cpu_has_fast_bf16_gemm()
+
+
 def check_stack(stack: str) -> None:
     if stack not in STACKS:
         raise ValueError(f"stack must be one of {STACKS}, got {stack!r}")

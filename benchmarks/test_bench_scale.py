@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks import report
 from benchmarks.cases import SCALE
+from benchmarks.stacks import fast_bf16_products
 
 
 @pytest.fixture(autouse=True)
@@ -23,10 +24,8 @@ def _opt_in(pytestconfig):
 
 @pytest.mark.full_only
 def test_scale_qlora_step(compare, bench):
-    from minilora.ops.gemm import cpu_has_fast_bf16_gemm
-
     bench.prepare(SCALE)
-    fast_bf16 = bench.device != "cpu" or cpu_has_fast_bf16_gemm()
+    fast_bf16 = fast_bf16_products(bench.device)
     params = {"shape": "llama2-7b", "precision": "nf4" if fast_bf16 else "nf4-fp32", "gradient_checkpointing": True,
               "batch_size": 1, "seq_len": 256, "warmup": 1, "steps": 2}
 

@@ -93,8 +93,8 @@ class _LoraUpdate(torch.autograd.Function):
                 results.append(out if in_place else y.view(out.shape))
                 dirty += [out] if in_place else []
             ctx.mark_dirty(*dirty)
-        ctx.saved_weights = saves_are_recomputed()
-        ctx.save_for_backward(h2, keep2, a_all, a_weight, *scaled_b_ts, *(weights if ctx.saved_weights else ()))
+        ctx.weights_saved = saves_are_recomputed()
+        ctx.save_for_backward(h2, keep2, a_all, a_weight, *scaled_b_ts, *(weights if ctx.weights_saved else ()))
         ctx.frozen, ctx.scalings, ctx.x_shape, ctx.x_dtype = frozen, scalings, x.shape, x.dtype
         ctx.factor_dtypes = ([a.dtype for a in a_factors], [b.dtype for b in b_factors])
         return tuple(results)
@@ -118,7 +118,7 @@ class _LoraUpdate(torch.autograd.Function):
                     continue
                 weight, compute = base[0], base[1] or dtype  # as the base's own backward: g and W in that dtype
                 mm_base = gemm.gemm_dtype(compute, g.device, g.shape[0])
-                w = (next(saved_weights) if ctx.saved_weights else weight(compute)).to(mm_base)
+                w = (next(saved_weights) if ctx.weights_saved else weight(compute)).to(mm_base)
                 g_in = g if compute == dtype else g.to(compute).to(mm_base)
                 if mm_base == mm:
                     grad_x = g_in @ w if grad_x is None else grad_x.addmm_(g_in, w)
