@@ -11,8 +11,8 @@ model with a few switches of their config: bias on q/k/v only, RMSNorm on q and 
 and scaled embeddings, norms around the attention and MLP outputs, soft-capped logits, sliding-window layers
 with their own RoPE base, partial rotary dimensions, and Phi-3's fused `qkv_proj` / `gate_up_proj`.
 
-Training-speed details live elsewhere: norm, rope, attention (on CPU, with grad) and the loss use the
-hand-written backward passes of `minilora.ops`; `linear_group` runs the LoRA branches of q/k/v and of
+Training-speed details live elsewhere: norm, rope, attention (on CPU, with grad) and the output head with its
+loss (in row chunks, given labels) use the hand-written backward passes of `minilora.ops`; `linear_group` runs the LoRA branches of q/k/v and of
 gate/up together.
 """
 from __future__ import annotations
@@ -28,10 +28,11 @@ from minilora.models.gradient_checkpointing import run_block
 from minilora.models.inputs import checked_token_ids
 from minilora.models.llama_config import LlamaConfig
 from minilora.models.masks import restrict_to_documents
-from minilora.models.outputs import ModelOutput
+from minilora.models.outputs import LazyLogitsOutput, ModelOutput
 from minilora.ops import gemm
 from minilora.ops.attention import attention
 from minilora.ops.cross_entropy import causal_lm_loss
+from minilora.ops.linear_cross_entropy import causal_lm_head_loss
 from minilora.ops.linear_group import linear_group
 from minilora.ops.rms_norm import rms_norm
 from minilora.ops.rotary import rotary
@@ -348,12 +349,22 @@ class LlamaForCausalLM(PreTrainedModel):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        if labels is not None and gemm.is_plain_linear(self.lm_head):
+            # The loss in row chunks, never holding the whole (tokens, vocab) logits; they are computed if read.
+            loss = causal_lm_head_loss(hidden, self.lm_head.weight, labels, self.lm_head.bias,
+                                       self.config.final_logit_softcapping)
+            return LazyLogitsOutput(lambda: self.logits(hidden), hidden.device, loss=loss, past_key_values=cache)
+        logits = self.logits(hidden)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return ModelOutput(loss=loss, logits=logits, past_key_values=cache)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head on the final hidden states (soft-capped where the config says so)."""
         logits = gemm.apply_linear(self.lm_head, hidden)
         if self.config.final_logit_softcapping is not None:
             cap = self.config.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return ModelOutput(loss=loss, logits=logits, past_key_values=cache)
+        return logits
 
     @property
     def stale_cache_length(self) -> int | None:

@@ -54,8 +54,13 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.to(dtype) @ b.to(dtype)).to(a.dtype)
 
 
+def is_plain_linear(layer: nn.Module) -> bool:
+    """Whether `layer` is an nn.Linear without hooks (not LoRA, not quantized): its product may be computed
+    from its weight and bias by other means than calling it."""
+    hooks = (layer._forward_hooks, layer._forward_pre_hooks, layer._backward_hooks, layer._backward_pre_hooks)
+    return type(layer) is nn.Linear and not any(hooks)
+
+
 def apply_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`, where a plain nn.Linear without hooks (an output head) computes through `linear`."""
-    if type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks):
-        return linear(x, layer.weight, layer.bias)
-    return layer(x)
+    """`layer(x)`, where a plain nn.Linear (an output head) computes through `linear`."""
+    return linear(x, layer.weight, layer.bias) if is_plain_linear(layer) else layer(x)

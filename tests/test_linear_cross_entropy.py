@@ -1,0 +1,161 @@
+"""The fused output head + next-token cross-entropy (ops/linear_cross_entropy.py) against the unfused path:
+`causal_lm_loss(F.linear(hidden, W, b))`, itself tested against F.cross_entropy."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minilora.ops import linear_cross_entropy
+from minilora.ops.cross_entropy import causal_lm_loss
+from minilora.ops.linear_cross_entropy import causal_lm_head_loss
+
+
+def unfused(hidden, weight, labels, bias=None, softcap=None):
+    logits = F.linear(hidden, weight, bias)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return causal_lm_loss(logits, labels)
+
+
+def inputs(dtype, bias: bool, vocab: int = 50, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, 9, 16, generator=g).to(dtype).requires_grad_()
+    weight = torch.randn(vocab, 16, generator=g).to(dtype).requires_grad_()
+    b = torch.randn(vocab, generator=g).to(dtype).requires_grad_() if bias else None
+    labels = torch.randint(0, vocab, (2, 9), generator=g)
+    labels[0, 3] = labels[1, :4] = -100
+    return hidden, weight, b, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_same_loss_and_gradients_as_the_unfused_head_over_chunk_boundaries(monkeypatch, dtype, bias, softcap):
+    monkeypatch.setattr(linear_cross_entropy, "MIN_CHUNK_ROWS", 4)  # 4 rows per chunk: 18 rows leave 2
+    monkeypatch.setattr(linear_cross_entropy, "CHUNK_ELEMENTS", 4 * 50)
+    hidden, weight, b, labels = inputs(dtype, bias)
+    params = [hidden, weight] + ([b] if bias else [])
+    got = causal_lm_head_loss(hidden, weight, labels, b, softcap)
+    got_grads = torch.autograd.grad(got * 0.5, params)  # a scaled loss (gradient accumulation) scales them
+    want = unfused(hidden, weight, labels, b, softcap)
+    want_grads = torch.autograd.grad(want * 0.5, params)
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-3, "rtol": 1e-2}
+    torch.testing.assert_close(got, want, **tol)
+    for name, g, w in zip(["hidden", "weight", "bias"][:len(params)], got_grads, want_grads, strict=True):
+        assert g.dtype == w.dtype, name
+        torch.testing.assert_close(g, w, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_frozen_head_gets_no_gradient_and_no_grad_mode_computes_only_the_loss():
+    hidden, weight, _, labels = inputs(torch.float32, bias=False)
+    weight.requires_grad_(False)
+    loss = causal_lm_head_loss(hidden, weight, labels)
+    loss.backward()
+    assert weight.grad is None and hidden.grad is not None
+    with torch.no_grad():
+        again = causal_lm_head_loss(hidden, weight, labels)
+    assert not again.requires_grad
+    torch.testing.assert_close(again, loss.detach(), atol=0, rtol=0)
+
+
+def test_every_label_ignored_gives_nan_like_the_unfused_loss():
+    hidden, weight, _, labels = inputs(torch.float32, bias=False)
+    labels = torch.full_like(labels, -100)
+    assert causal_lm_head_loss(hidden, weight, labels).isnan()
+    assert unfused(hidden, weight, labels).isnan()
+
+
+def test_a_label_outside_the_vocabulary_is_named():
+    hidden, weight, _, labels = inputs(torch.float32, bias=False)
+    labels[1, 6] = 50
+    with pytest.raises(ValueError, match="token id 50, outside the vocabulary"):
+        causal_lm_head_loss(hidden, weight, labels)
+
+
+# The model: with labels its loss takes the fused path, and `logits` are still there, computed when read.
+
+def tiny_llama(**overrides):
+    from minilora.models.llama import LlamaForCausalLM
+    from minilora.models.llama_config import LlamaConfig
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0)
+    return LlamaForCausalLM(LlamaConfig.from_dict({**config, **overrides}))
+
+
+def batch(rows: int = 2, seq: int = 12):
+    ids = torch.randint(3, 96, (rows, seq), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[1, :4] = -100
+    return ids, labels
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest number of elements any op output has while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": True}, {"final_logit_softcapping": 3.0}],
+                         ids=["untied", "tied", "softcap"])
+def test_model_loss_and_gradients_equal_the_loss_of_its_logits(overrides):
+    model = tiny_llama(**overrides).train()
+    ids, labels = batch()
+    out = model(ids, labels=labels)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    logits = model(ids).logits
+    want = causal_lm_loss(logits, labels)
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    torch.testing.assert_close(out.loss, want, atol=1e-6, rtol=1e-6)
+    for (name, _), g, w in zip(model.named_parameters(), grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(out.logits, logits, atol=0, rtol=0)  # read after the fact, the same logits
+
+
+def test_logits_read_later_keep_the_forward_pass_grad_mode():
+    model = tiny_llama().train()
+    ids, labels = batch()
+    with torch.no_grad():
+        out = model(ids, labels=labels)
+    assert not out.logits.requires_grad
+    out = model(ids, labels=labels)
+    out.logits.float().logsumexp(-1).mean().backward()  # an extra loss on the logits still trains the model
+    assert model.model.layers[0].mlp.down_proj.weight.grad is not None
+
+
+def test_no_tensor_of_the_whole_logits_is_made_for_the_loss(monkeypatch):
+    from minilora import LoraConfig, apply_lora
+
+    monkeypatch.setattr(linear_cross_entropy, "MIN_CHUNK_ROWS", 4)
+    monkeypatch.setattr(linear_cross_entropy, "CHUNK_ELEMENTS", 4 * 512)
+    model = apply_lora(tiny_llama(vocab_size=512), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    ids, labels = batch(rows=4, seq=16)
+    whole = ids.numel() * 512  # (tokens, vocab) logits; the largest other tensor is the (vocab, hidden) head
+    with LargestTensor() as largest:
+        model(ids, labels=labels).loss.backward()
+    assert largest.numel <= 512 * 32 < whole, largest.numel
+    with LargestTensor() as largest:
+        model(ids).logits.sum().backward()
+    assert largest.numel >= whole  # the check sees the logits when they are made
+
+
+def test_a_lora_head_takes_the_unfused_path_and_trains():
+    from minilora import LoraConfig, apply_lora
+
+    model = apply_lora(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"]))
+    ids, labels = batch()
+    out = model(ids, labels=labels)
+    torch.testing.assert_close(out.loss, causal_lm_loss(out.logits, labels), atol=0, rtol=0)
+    out.loss.backward()
+    assert model.lm_head.lora_A.weight.grad is not None
