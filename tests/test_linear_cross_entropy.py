@@ -66,8 +66,10 @@ def test_every_label_ignored_gives_nan_like_the_unfused_loss():
     assert unfused(hidden, weight, labels).isnan()
 
 
-def test_a_label_outside_the_vocabulary_is_named():
+def test_bad_labels_are_named():
     hidden, weight, _, labels = inputs(torch.float32, bias=False)
+    with pytest.raises(ValueError, match=r"labels must be \(batch, seq\) = \(2, 9\).*got \(2, 8\)"):
+        causal_lm_head_loss(hidden, weight, labels[:, 1:])
     labels[1, 6] = 50
     with pytest.raises(ValueError, match="token id 50, outside the vocabulary"):
         causal_lm_head_loss(hidden, weight, labels)

@@ -12,8 +12,8 @@ and scaled embeddings, norms around the attention and MLP outputs, soft-capped l
 with their own RoPE base, partial rotary dimensions, and Phi-3's fused `qkv_proj` / `gate_up_proj`.
 
 Training-speed details live elsewhere: norm, rope, attention (on CPU, with grad) and the output head with its
-loss (in row chunks, given labels) use the hand-written backward passes of `minilora.ops`; `linear_group` runs the LoRA branches of q/k/v and of
-gate/up together.
+loss (in row chunks, given labels) use the hand-written backward passes of `minilora.ops`; `linear_group` runs
+the LoRA branches of q/k/v and of gate/up together.
 """
 from __future__ import annotations
 

@@ -27,6 +27,9 @@ def causal_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     """Next-token cross-entropy of the logits `hidden @ weight.T + bias` (then `tanh(logits / softcap) *
     softcap` when softcap is set), as transformers computes it: position t predicts labels[t + 1], mean over
     the labels that are not `ignore_index`. hidden (batch, seq, hidden), labels (batch, seq)."""
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(f"labels must be (batch, seq) = {tuple(hidden.shape[:2])} as the hidden states "
+                         f"{tuple(hidden.shape)}, got {tuple(labels.shape)}")
     targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index).reshape(-1).to(hidden.device)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     valid = targets != ignore_index
