@@ -413,11 +413,14 @@ def run_summary(machine: dict) -> str:
 
 def machine_info() -> dict:
     """Where and with what the benchmarks ran (stdlib only: nothing heavy is imported here)."""
-    cpu = platform.processor()
+    cpu, flags = platform.processor(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+            if flags and cpu:
                 break
         mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
     except (OSError, ValueError, IndexError):
@@ -433,7 +436,10 @@ def machine_info() -> dict:
                                 cwd=RESULTS_DIR.parent, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(mem_kb / 1e6, 1),
+    # The CPU's bf16 matrix instructions decide which precision recipe is fast (README, "Benchmarks").
+    bf16 = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else \
+        "no native bf16 matrix instructions" if flags else "unknown bf16 support"
+    return {"cpu": cpu, "cpu_bf16": bf16, "cores": os.cpu_count(), "ram_gb": round(mem_kb / 1e6, 1),
             "threads": int(os.environ.get("MINILORA_BENCH_THREADS", "2")),
             "python": platform.python_version(),
             "os": platform.platform(), "versions": versions, "minilora_commit": commit,
@@ -443,7 +449,8 @@ def machine_info() -> dict:
 
 def machine_summary(machine: dict) -> str:
     v = machine.get("versions", {})
-    return (f"{machine.get('cpu')}, {machine.get('cores')} cores ({machine.get('threads')} torch threads), "
+    bf16 = f" ({machine['cpu_bf16']})" if machine.get("cpu_bf16") else ""
+    return (f"{machine.get('cpu')}{bf16}, {machine.get('cores')} cores ({machine.get('threads')} torch threads), "
             f"{machine.get('ram_gb')} GB RAM; torch {v.get('torch')}, transformers {v.get('transformers')}, "
             f"peft {v.get('peft')}, bitsandbytes {v.get('bitsandbytes')}")
 

@@ -1,4 +1,4 @@
-"""The benchmark report's pooling of alternated runs (benchmarks.report.merge_rounds)."""
+"""The benchmark report: pooling of alternated runs (benchmarks.report.merge_rounds), the machine line."""
 import pytest
 
 from benchmarks import report
@@ -26,3 +26,11 @@ def test_a_failed_run_is_reported_not_pooled():
     assert report.merge_rounds([run([1.0, 2.0], [1.0, 2.0], 1), failed]) is failed
     single = run([1.0, 2.0], [1.0, 2.0], 1)
     assert report.merge_rounds([single]) is single
+
+
+def test_machine_summary_names_the_cpus_bf16_matrix_instructions():
+    machine = {"cpu": "AMD EPYC", "cpu_bf16": "AVX512-BF16", "cores": 2, "threads": 2, "ram_gb": 24.7,
+               "versions": {}}
+    assert report.machine_summary(machine).startswith("AMD EPYC (AVX512-BF16), 2 cores")
+    assert report.machine_info()["cpu_bf16"] in {"AMX", "AVX512-BF16", "no native bf16 matrix instructions",
+                                                 "unknown bf16 support"}
