@@ -47,6 +47,22 @@ def test_same_loss_and_gradients_as_the_unfused_head_over_chunk_boundaries(monke
         torch.testing.assert_close(g, w, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_same_loss_and_gradients_as_the_unfused_head_under_bf16_autocast(monkeypatch, bias):
+    monkeypatch.setattr(linear_cross_entropy, "MIN_CHUNK_ROWS", 4)
+    monkeypatch.setattr(linear_cross_entropy, "CHUNK_ELEMENTS", 4 * 50)
+    hidden, weight, b, labels = inputs(torch.float32, bias)
+    params = [hidden, weight] + ([b] if bias else [])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = causal_lm_head_loss(hidden, weight, labels, b)
+        want = unfused(hidden, weight, labels, b)
+    got_grads, want_grads = torch.autograd.grad(got, params), torch.autograd.grad(want, params)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - causal_lm_head_loss(hidden, weight, labels, b)).abs() > 1e-4  # autocast's bf16 logits differ
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-3, rtol=1e-2)
+
+
 def test_frozen_head_gets_no_gradient_and_no_grad_mode_computes_only_the_loss():
     hidden, weight, _, labels = inputs(torch.float32, bias=False)
     weight.requires_grad_(False)

@@ -45,46 +45,56 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                 valid: torch.Tensor, softcap: float | None, with_grad: bool) -> torch.Tensor:
-        rows, vocab = hidden.shape[0], weight.shape[0]
-        chunk = CHUNK_ELEMENTS if hidden.device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
+        rows, vocab, device = hidden.shape[0], weight.shape[0], hidden.device
+        chunk = CHUNK_ELEMENTS if device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
         step = min(rows, max(MIN_CHUNK_ROWS, chunk // vocab))
-        # The product's dtype (fp32 for bf16 on CPUs without fast bf16 kernels), converted once, not per chunk.
-        dtype = gemm.gemm_dtype(hidden.dtype, hidden.device, step)
-        w = weight.to(dtype)
+        # The unfused path's dtypes: logits in the hidden states' dtype (autocast's under autocast), products
+        # in gemm_dtype's (fp32 for bf16 on CPUs without fast bf16 kernels); the head converted once.
+        autocast = torch.is_autocast_enabled(device.type)
+        logits_dtype = torch.get_autocast_dtype(device.type) if autocast else hidden.dtype
+        dtype = logits_dtype if autocast else gemm.gemm_dtype(hidden.dtype, device, step)
+        w = weight.to(dtype).t()
         b = None if bias is None else bias.to(dtype)
+        # Every chunk's product goes into one buffer: a fresh chunk-sized tensor each time costs page faults.
+        products = torch.empty(step, vocab, dtype=dtype, device=device)
+        fp32 = products if dtype == torch.float32 else torch.empty(step, vocab, dtype=torch.float32, device=device)
         count = valid.sum()
         row_weight = (valid / count)[:, None]  # d loss / d logits = row_weight * (softmax - onehot(target))
-        losses = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        losses = torch.empty(rows, dtype=torch.float32, device=device)
         grad_hidden = torch.empty_like(hidden) if with_grad and hidden.requires_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grad and weight.requires_grad else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if with_grad and bias is not None \
             and bias.requires_grad else None
-        for start in range(0, rows, step):
-            end = min(start + step, rows)
-            x = hidden[start:end].to(dtype)
-            logits = F.linear(x, w, b).to(hidden.dtype)  # the head's output dtype, as the unfused path has it
-            if softcap is not None:
-                capped = torch.tanh(logits / softcap)
-                logits = capped * softcap
-            target = targets[start:end, None]
-            target_logits = logits.gather(1, target).float()
-            probs = logits.float()  # the chunk's logits themselves when fp32: overwritten in place
-            top = probs.amax(dim=-1, keepdim=True)
-            total = probs.sub_(top).exp_().sum(dim=-1, keepdim=True)
-            losses[start:end] = (total.log() + top - target_logits).squeeze(1)
-            if not with_grad:
-                continue
-            grad = probs.mul_(row_weight[start:end] / total).scatter_add_(1, target, -row_weight[start:end])
-            grad = grad.to(hidden.dtype)
-            if softcap is not None:  # d (tanh(l / c) * c) / dl = 1 - tanh(l / c)^2
-                grad = grad * (1 - capped * capped)
-            grad = grad.to(dtype)
-            if grad_hidden is not None:
-                grad_hidden[start:end] = grad @ w
-            if grad_weight is not None:
-                grad_weight.addmm_(grad.t().float(), x.float())
-            if grad_bias is not None:
-                grad_bias += grad.float().sum(0)
+        with torch.autocast(device.type, enabled=False):
+            for start in range(0, rows, step):
+                end = min(start + step, rows)
+                x = hidden[start:end].to(dtype)
+                logits = products[:end - start]
+                logits = torch.mm(x, w, out=logits) if b is None else torch.addmm(b, x, w, out=logits)
+                logits = logits.to(logits_dtype)
+                if softcap is not None:
+                    capped = torch.tanh(logits / softcap)
+                    logits = capped * softcap
+                target = targets[start:end, None]
+                target_logits = logits.gather(1, target).float()
+                # softmax in fp32, in place: the chunk's logits are not needed again
+                probs = logits if logits.dtype == torch.float32 else fp32[:end - start].copy_(logits)
+                top = probs.amax(dim=-1, keepdim=True)
+                total = probs.sub_(top).exp_().sum(dim=-1, keepdim=True)
+                losses[start:end] = (total.log() + top - target_logits).squeeze(1)
+                if not with_grad:
+                    continue
+                grad = probs.mul_(row_weight[start:end] / total).scatter_add_(1, target, -row_weight[start:end])
+                grad = grad.to(logits_dtype)
+                if softcap is not None:  # d (tanh(l / c) * c) / dl = 1 - tanh(l / c)^2
+                    grad = grad * (1 - capped * capped)
+                grad = grad.to(dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start:end] = grad @ w.t()
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad.t().float(), x.float())
+                if grad_bias is not None:
+                    grad_bias += grad.float().sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         return torch.where(valid, losses, 0.0).sum() / count
 
