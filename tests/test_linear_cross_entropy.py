@@ -177,3 +177,24 @@ def test_a_lora_head_takes_the_unfused_path_and_trains():
     torch.testing.assert_close(out.loss, causal_lm_loss(out.logits, labels), atol=0, rtol=0)
     out.loss.backward()
     assert model.lm_head.lora_A.weight.grad is not None
+
+
+def test_evaluate_hands_compute_metrics_the_logits_of_a_causal_lm():
+    from train_helpers import fixed_length_lm_data
+    from train_helpers import tiny_llama as llama
+
+    from minilora.train.loop import evaluate
+
+    model, data, seen = llama(), fixed_length_lm_data(n=5), {}
+
+    def compute_metrics(predictions, _):
+        seen["logits"] = predictions["logits"]
+        return {}
+
+    metrics = evaluate(model, data, batch_size=2, compute_metrics=compute_metrics)
+    ids = torch.tensor([row["input_ids"] for row in data])
+    with torch.no_grad():
+        expected = model(ids).logits
+        expected_loss = causal_lm_loss(expected, ids)
+    torch.testing.assert_close(torch.stack([torch.from_numpy(a) for a in seen["logits"]]), expected)
+    assert metrics["eval_loss"] == pytest.approx(expected_loss.item(), rel=1e-5)

@@ -22,7 +22,8 @@ class ModelOutput:
 class LazyLogitsOutput(ModelOutput):
     """The output of a causal LM that computed its loss without holding the whole (tokens, vocab) logits
     (`minilora.ops.linear_cross_entropy`): `logits` are computed when first read, by `compute_logits`, in the
-    grad and autocast modes of the forward pass (so they are what the forward pass would have returned)."""
+    grad and autocast modes of the forward pass (so they are what the forward pass would have returned). What
+    reads every field (repr, DDP with find_unused_parameters=True) computes them too."""
 
     def __init__(self, compute_logits: Callable[[], torch.Tensor], device: torch.device, **fields: Any):
         grad, device_type = torch.is_grad_enabled(), device.type
