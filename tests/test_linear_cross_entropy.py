@@ -198,3 +198,25 @@ def test_evaluate_hands_compute_metrics_the_logits_of_a_causal_lm():
         expected_loss = causal_lm_loss(expected, ids)
     torch.testing.assert_close(torch.stack([torch.from_numpy(a) for a in seen["logits"]]), expected)
     assert metrics["eval_loss"] == pytest.approx(expected_loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied-scaled", "untied"])
+def test_t5_loss_and_gradients_equal_the_loss_of_its_logits(tied):
+    from minilora.models.t5 import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config.from_dict(
+        {"vocab_size": 100, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
+         "feed_forward_proj": "gated-gelu", "tie_word_embeddings": tied, "dropout_rate": 0.0})).train()
+    g = torch.Generator().manual_seed(1)
+    input_ids, labels = torch.randint(2, 100, (2, 9), generator=g), torch.randint(2, 100, (2, 7), generator=g)
+    labels[1, 5:] = -100
+    out = model(input_ids, labels=labels)
+    grads = torch.autograd.grad(out.loss, list(model.parameters()))
+    logits = model(input_ids, decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels)).logits
+    want = F.cross_entropy(logits.reshape(-1, 100), labels.reshape(-1), ignore_index=-100)
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    torch.testing.assert_close(out.loss, want, atol=1e-6, rtol=1e-6)
+    for (name, _), got, expected in zip(model.named_parameters(), grads, want_grads, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(out.logits, logits, atol=0, rtol=0)

@@ -24,7 +24,8 @@ from minilora.models.gradient_checkpointing import run_block
 from minilora.models.base import ACTIVATIONS, PreTrainedModel, padding_mask_to_bias
 from minilora.models.t5_config import T5Config
 from minilora.models.inputs import checked_token_ids
-from minilora.models.outputs import ModelOutput
+from minilora.models.outputs import LazyLogitsOutput, ModelOutput
+from minilora.ops.linear_cross_entropy import linear_cross_entropy
 from minilora.ops.linear_group import linear_group
 
 DecoderCache = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -344,11 +345,18 @@ class T5ForConditionalGeneration(PreTrainedModel):
         hidden, cache = self.decoder(decoder_input_ids, decoder_attention_mask, encoder_outputs, attention_mask,
                                      past_key_values, use_cache)
         scaled = hidden * self.config.d_model ** -0.5 if self.config.scale_decoder_outputs else hidden
+        outputs = {"last_hidden_state": hidden, "encoder_last_hidden_state": encoder_outputs,
+                   "past_key_values": cache}
+        if labels is not None and gemm.is_plain_linear(self.lm_head):
+            # The loss in row chunks, never holding the whole (tokens, vocab) logits; they are computed if read.
+            loss = linear_cross_entropy(scaled.reshape(-1, scaled.shape[-1]), self.lm_head.weight,
+                                        labels.reshape(-1), self.lm_head.bias)
+            return LazyLogitsOutput(lambda: gemm.apply_linear(self.lm_head, scaled), hidden.device, loss=loss,
+                                    **outputs)
         logits = gemm.apply_linear(self.lm_head, scaled)
         loss = None if labels is None else F.cross_entropy(
             logits.float().view(-1, logits.shape[-1]), labels.view(-1).to(logits.device), ignore_index=-100)
-        return ModelOutput(loss=loss, logits=logits, last_hidden_state=hidden,
-                           encoder_last_hidden_state=encoder_outputs, past_key_values=cache)
+        return ModelOutput(loss=loss, logits=logits, **outputs)
 
     def reorder_cache(self, past_key_values: DecoderCache, beam_idx: torch.Tensor) -> DecoderCache:
         """Select the cache rows of the surviving beams (batch dimension 0 of every tensor)."""

@@ -1,10 +1,11 @@
-"""An output head and its next-token cross-entropy in one pass over row chunks: loss = CE(hidden @ W^T + b).
+"""An output head and its cross-entropy in one pass over row chunks: loss = CE(hidden @ W^T + b, targets).
 
 The whole (tokens, vocab) logits are never held, nor their gradient: each chunk's logits give its
 log-sum-exp and, when a backward will follow, right away its share of the gradients of the hidden states (and
 of W and b when they train), while its softmax is at hand. On a 49152-token vocabulary at batch 4 x 256 that
 is 0.4 GB of fp32 logits and gradient not allocated, written and read back each step. Same products, in the
-same dtypes, as `causal_lm_loss(F.linear(hidden, W, b), labels)`; tested against it.
+same dtypes, as `causal_lm_loss(F.linear(hidden, W, b), labels)` (decoders) or `F.cross_entropy` of those
+logits (T5); tested against them.
 """
 from __future__ import annotations
 
@@ -30,8 +31,21 @@ def causal_lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"labels must be (batch, seq) = {tuple(hidden.shape[:2])} as the hidden states "
                          f"{tuple(hidden.shape)}, got {tuple(labels.shape)}")
-    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index).reshape(-1).to(hidden.device)
-    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), bias, softcap,
+                                ignore_index)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, softcap: float | None = None,
+                         ignore_index: int = -100) -> torch.Tensor:
+    """`F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)` of the logits `hidden @ weight.T +
+    bias` (soft-capped when softcap is set): the mean over the targets that are not `ignore_index`, NaN when
+    all are. hidden (N, hidden), targets (N,)."""
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must be (N,) = ({hidden.shape[0]},) for hidden states (N, hidden) = "
+                         f"{tuple(hidden.shape)}, got {tuple(targets.shape)}")
+    targets = targets.to(hidden.device)
     valid = targets != ignore_index
     bad = valid & ((targets < 0) | (targets >= weight.shape[0]))
     if bad.any():
