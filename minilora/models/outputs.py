@@ -20,7 +20,7 @@ class ModelOutput:
 
 
 class LazyLogitsOutput(ModelOutput):
-    """The output of a causal LM that computed its loss without holding the whole (tokens, vocab) logits
+    """The output of a language model that computed its loss without holding the whole (tokens, vocab) logits
     (`minilora.ops.linear_cross_entropy`): `logits` are computed when first read, by `compute_logits`, in the
     grad and autocast modes of the forward pass (so they are what the forward pass would have returned). What
     reads every field (repr, DDP with find_unused_parameters=True) computes them too."""
