@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minilora.ops import linear_cross_entropy
+from minilora.ops import gemm, linear_cross_entropy
 from minilora.ops.cross_entropy import causal_lm_loss
 from minilora.ops.linear_cross_entropy import causal_lm_head_loss
 
@@ -28,12 +28,17 @@ def inputs(dtype, bias: bool, vocab: int = 50, seed: int = 0):
     return hidden, weight, b, labels
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "bf16-in-fp32"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_same_loss_and_gradients_as_the_unfused_head_over_chunk_boundaries(monkeypatch, dtype, bias, softcap):
-    monkeypatch.setattr(linear_cross_entropy, "MIN_CHUNK_ROWS", 4)  # 4 rows per chunk: 18 rows leave 2
-    monkeypatch.setattr(linear_cross_entropy, "CHUNK_ELEMENTS", 4 * 50)
+    rows = 4  # per chunk: 18 rows leave 2
+    if dtype == "bf16-in-fp32":  # bf16 products computed in fp32, as on CPUs without fast bf16 kernels (AVX2)
+        monkeypatch.setattr(gemm, "cpu_has_fast_bf16_gemm", lambda: False)
+        dtype, rows = torch.bfloat16, gemm.FP32_MIN_ROWS  # fewer rows keep the bf16 kernel
+        assert gemm.gemm_dtype(dtype, torch.device("cpu"), rows) == torch.float32
+    monkeypatch.setattr(linear_cross_entropy, "MIN_CHUNK_ROWS", rows)
+    monkeypatch.setattr(linear_cross_entropy, "CHUNK_ELEMENTS", rows * 50)
     hidden, weight, b, labels = inputs(dtype, bias)
     params = [hidden, weight] + ([b] if bias else [])
     got = causal_lm_head_loss(hidden, weight, labels, b, softcap)
