@@ -337,6 +337,24 @@ def test_attention_equals_sdpa_fp32(masked):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mask_kind", ["causal", "padding", "bidirectional"])
+@pytest.mark.parametrize("block", [1, 6, 20])
+def test_blocked_causal_attention_equals_sdpa(monkeypatch, mask_kind, block):
+    """Blocks of query positions skip the keys after them (causal masks only; 6 leaves a remainder of 2)."""
+    monkeypatch.setattr(attention, "BLOCK_QUERIES", block)
+    q, k, v, g = qkv(torch.float32)
+    mask = {"causal": None, "padding": padding_mask(), "bidirectional": torch.rand(2, 1, 20, 20) > 0.3}[mask_kind]
+    if mask is not None:
+        mask |= torch.eye(20, dtype=torch.bool)  # every query sees a key
+    expected = sdpa(q, k, v, mask)
+    grads_expected = torch.autograd.grad(expected, (q, k, v), g)
+    got = attention.attention(q, k, v, mask)
+    grads_got = torch.autograd.grad(got, (q, k, v), g)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_got, grads_expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_bf16_error_is_sdpa_bf16_error():
     q, k, v, g = qkv(torch.bfloat16, seq=64)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
