@@ -1,6 +1,7 @@
 """softmax(q k^T * scale + mask) v with grouped-query heads, for CPU training, where PyTorch's flash-attention
 backward is slower than these six batched matmuls. The price is saving the attention probabilities
-(batch * heads * q_len * kv_len values in the input dtype) for the backward pass. Tested against SDPA."""
+(batch * heads * q_len * kv_len values in the input dtype; about half of them under a causal mask, whose blocks
+of queries skip the keys after them) for the backward pass. Tested against SDPA."""
 from __future__ import annotations
 
 import torch
