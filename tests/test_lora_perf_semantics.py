@@ -324,23 +324,11 @@ def padding_mask(seq=20):
     return mask | ~mask.any(-1, keepdim=True)
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_attention_equals_sdpa_fp32(masked):
-    q, k, v, g = qkv(torch.float32)
-    mask = padding_mask() if masked else None
-    expected = sdpa(q, k, v, mask)
-    grads_expected = torch.autograd.grad(expected, (q, k, v), g)
-    got = attention.attention(q, k, v, mask)
-    grads_got = torch.autograd.grad(got, (q, k, v), g)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    for a, b in zip(grads_got, grads_expected, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("mask_kind", ["causal", "padding", "bidirectional"])
 @pytest.mark.parametrize("block", [1, 6, 20])
-def test_blocked_causal_attention_equals_sdpa(monkeypatch, mask_kind, block):
-    """Blocks of query positions skip the keys after them (causal masks only; 6 leaves a remainder of 2)."""
+def test_attention_equals_sdpa_fp32(monkeypatch, mask_kind, block):
+    """Blocks of query positions skip the keys after them (causal masks only; 6 leaves a remainder of 2, 20 is
+    one block)."""
     monkeypatch.setattr(attention, "BLOCK_QUERIES", block)
     q, k, v, g = qkv(torch.float32)
     mask = {"causal": None, "padding": padding_mask(), "bidirectional": torch.rand(2, 1, 20, 20) > 0.3}[mask_kind]
