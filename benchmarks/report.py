@@ -413,15 +413,10 @@ def run_summary(machine: dict) -> str:
 
 def machine_info() -> dict:
     """Where and with what the benchmarks ran (stdlib only: nothing heavy is imported here)."""
-    cpu, flags = platform.processor(), set()
+    first_cpu: dict[str, str] = {}  # the first processor's fields of /proc/cpuinfo
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-            if flags and cpu:
-                break
+        for key, _, value in (line.partition(":") for line in Path("/proc/cpuinfo").read_text().splitlines()):
+            first_cpu.setdefault(key.strip(), value.strip())
         mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
     except (OSError, ValueError, IndexError):
         mem_kb = 0
@@ -436,6 +431,7 @@ def machine_info() -> dict:
                                 cwd=RESULTS_DIR.parent, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
+    cpu, flags = first_cpu.get("model name") or platform.processor(), set(first_cpu.get("flags", "").split())
     # The CPU's bf16 matrix instructions decide which precision recipe is fast (README, "Benchmarks").
     bf16 = "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else \
         "no native bf16 matrix instructions" if flags else "unknown bf16 support"
