@@ -301,3 +301,41 @@ def test_family_defaults_follow_transformers():
                     "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
             if hasattr(theirs, key) and key in ours.family_keys | {"head_dim", "tie_word_embeddings", "rms_norm_eps"}:
                 assert getattr(ours, key) == getattr(theirs, key), (family, key)
+
+
+def test_default_qlora_equals_peft_kbit_recipe(family_dir, tmp_path):
+    """quantize="nf4" without dtype on a bf16 checkpoint is QLoRA's recipe: the same loss and LoRA gradients as
+    transformers' NF4 (bf16 compute) + peft's prepare_model_for_kbit_training (fp32 residual, norms, head)."""
+    pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    family, _ = family_dir
+    hf_model(family).to(torch.bfloat16).save_pretrained(tmp_path)
+    kwargs = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+    ours = ml.apply_lora(ml.from_pretrained(tmp_path, quantize="nf4"), ml.LoraConfig(**kwargs)).train()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16,
+                                                           quantization_config=bnb_config)
+    hf = peft.prepare_model_for_kbit_training(hf, use_gradient_checkpointing=False)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(**kwargs)).train()
+    ours_params = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.copy_(ours_params[peft_name_to_ours(name)])
+    ids, mask = left_padded(batch=2)
+    labels = ids.masked_fill(mask == 0, -100)
+    got = ours(ids, attention_mask=mask, labels=labels).loss
+    expected = theirs(input_ids=ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)  # a bf16 residual is off by ~1e-3 or more
+    got.backward()
+    expected.backward()
+    theirs_grads = {peft_name_to_ours(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    for name, p in ours_params.items():
+        if p.requires_grad:  # bf16 products in both: compared relative to the tensor's largest gradient
+            scale = theirs_grads[name].abs().max()
+            assert (p.grad - theirs_grads[name]).abs().max() <= 2e-2 * scale, name
