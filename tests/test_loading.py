@@ -173,6 +173,37 @@ def test_dtype_bfloat16_and_auto(llama_dir):
     assert from_pretrained(llama_dir, dtype="auto").lm_head.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_loading_shows_progress_over_the_checkpoint_bytes(llama_dir, tmp_path, monkeypatch, quantize):
+    if quantize:
+        pytest.importorskip("bitsandbytes")
+    import tqdm.auto
+
+    bars = []
+
+    class Recorder(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self.kwargs, self.done = kwargs, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.done += n
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    model = from_pretrained(llama_dir, quantize=quantize)
+    folders = [llama_dir] + ([save_pretrained(model, tmp_path / "nf4")] if quantize else [])  # and packed ones
+    for folder in folders[1:]:
+        from_pretrained(folder)
+    for folder, bar in zip(folders, bars, strict=True):
+        total = sum(t.numel() * t.element_size() for t in load_file(folder / "model.safetensors").values())
+        assert bar.kwargs["total"] == bar.done == total and bar.kwargs["desc"] == f"load {folder.name}"
+        assert bar.kwargs["disable"] is None  # tqdm's "on a terminal or in a notebook"
+    monkeypatch.setenv("RANK", "1")  # torchrun: the first rank's bar only
+    from_pretrained(llama_dir)
+    assert bars[-1].kwargs["disable"] is True
+
+
 def test_loading_reads_each_tensor_once_and_holds_no_copy(llama_dir, monkeypatch):
     """Streaming: every stored tensor is fetched once (mapped, as it is used as stored) and becomes the
     model's tensor itself (no second copy)."""

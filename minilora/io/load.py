@@ -224,27 +224,41 @@ def _load_weights(model: nn.Module, checkpoint: Checkpoint, config_dict: dict, d
         else:
             module._buffers[name] = value
 
-    for path, module in list(model.named_modules()):  # parents first: a new head is set up before its children
-        if path in quantized:
-            layer = _load_quantized(module, path, mapping, checkpoint, qconfig, prequantized, dtype, device)
-            parent, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent), name, layer)
-            if device.type == "cpu" and _malloc_trim():
-                _malloc_trim()(0)
-            continue
-        prefix = path + "." if path else ""
-        own = {n: t for n, t in [*module._parameters.items(), *module._buffers.items()]
-               if t is not None and prefix + n in state}
-        if any(prefix + n in new_head for n in own):
-            for n, t in own.items():
-                materialise(module, n, torch.empty(t.shape, device=device,
-                                                   dtype=dtype if t.is_floating_point() else t.dtype))
-            with torch.no_grad():
-                model.init_weights(module)
-        for n in own:
-            if prefix + n in mapping:  # tied copies too: tie_weights() decides (T5 keeps a differing lm_head)
-                materialise(module, n, _read_as(_lazy_for(checkpoint, mapping[prefix + n], device), device, dtype))
+    sizes = {k: checkpoint.shape(ck).numel() * checkpoint.dtype(ck).itemsize for k, ck in mapping.items()}
+    with _progress_bar(sum(sizes.values()), checkpoint.folder) as bar:
+        for path, module in list(model.named_modules()):  # parents first: a new head is set up before its children
+            if path in quantized:
+                layer = _load_quantized(module, path, mapping, checkpoint, qconfig, prequantized, dtype, device)
+                parent, _, name = path.rpartition(".")
+                setattr(model.get_submodule(parent), name, layer)
+                if device.type == "cpu" and _malloc_trim():
+                    _malloc_trim()(0)
+                bar.update(sum(size for k, size in sizes.items() if k.startswith(path + ".")))
+                continue
+            prefix = path + "." if path else ""
+            own = {n: t for n, t in [*module._parameters.items(), *module._buffers.items()]
+                   if t is not None and prefix + n in state}
+            if any(prefix + n in new_head for n in own):
+                for n, t in own.items():
+                    materialise(module, n, torch.empty(t.shape, device=device,
+                                                       dtype=dtype if t.is_floating_point() else t.dtype))
+                with torch.no_grad():
+                    model.init_weights(module)
+            for n in own:
+                if prefix + n in mapping:  # tied copies too: tie_weights() decides (T5 keeps a differing lm_head)
+                    materialise(module, n, _read_as(_lazy_for(checkpoint, mapping[prefix + n], device), device, dtype))
+                    bar.update(sizes[prefix + n])
     model.tie_weights()
+
+
+def _progress_bar(total_bytes: int, folder: Path):
+    """tqdm over the checkpoint bytes loaded (a 7B quantized load takes minutes on a CPU): shown on terminals
+    and notebooks only, by the first rank under torchrun; TQDM_DISABLE=1 silences it."""
+    from tqdm.auto import tqdm
+
+    first_rank = os.environ.get("RANK", "0") == "0"
+    return tqdm(total=total_bytes, desc=f"load {folder.name}", unit="B", unit_scale=True, dynamic_ncols=True,
+                disable=None if first_rank else True)
 
 
 READ_CHUNK_BYTES = 1 << 22  # CPU: a few rows at a time, so no stored copy of a large tensor exists
