@@ -48,6 +48,7 @@ SHAPES: dict[str, dict] = {
 # name -> (shape, dtype stored, max shard size[, layers: a cut of the shape])
 CHECKPOINTS = {
     "smollm2-135m-random": ("smollm2-135m", torch.float32, "2GB"),
+    "smollm2-135m-8l-bf16": ("smollm2-135m", torch.bfloat16, "2GB", 8),  # the QLoRA issue's 8-layer cut
     "tinyllama-1.1b-bf16": ("tinyllama-1.1b", torch.bfloat16, "500MB"),
     "llama2-7b-width-2l-bf16": ("llama2-7b", torch.bfloat16, "2GB", 2),  # the fidelity case's wide model
     "llama2-7b-bf16": ("llama2-7b", torch.bfloat16, "7GB"),  # --benchmark-scale only (13.5 GB, 2 shards)

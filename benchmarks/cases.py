@@ -100,14 +100,21 @@ SCALE = "llama2-7b-bf16"  # the --benchmark-scale checkpoint
 def train_step(stack: str, precision: str = "bf16", gradient_checkpointing: bool = False, batch_size: int = 4,
                seq_len: int = 256, warmup: int = 1, steps: int = 3, lr: float = 2e-4, r: int = 16,
                alpha: float = 32, dropout: float = 0.05, seed: int = 0, distinct_batches: int | None = None,
-               shape: str = "smollm2-135m", device: str = "cpu") -> dict:
+               shape: str = "smollm2-135m", checkpoint: str | None = None, device: str = "cpu") -> dict:
     """Causal-LM LoRA / QLoRA steps (forward, backward, AdamW) of SmolLM2-135M on packed chat text, or of the
-    Llama-2-7B shape (`shape="llama2-7b"`, random bf16 weights, --benchmark-scale).
+    Llama-2-7B shape (`shape="llama2-7b"`, random bf16 weights, --benchmark-scale), or of a prepared checkpoint
+    of `assets.CHECKPOINTS` (`checkpoint="smollm2-135m-8l-bf16"`: an 8-layer cut of SmolLM2-135M, random bf16).
 
     With dropout=0 and warmup=0 the losses are the loss curve compared across stacks; `distinct_batches`
     cycles that many batches (epochs over a small set), so the loss must fall on data seen before."""
     dev = setup(device, seed)
-    kind, path = assets.smollm2_dir() if shape == "smollm2-135m" else ("random", assets.checkpoint_dir(SCALE))
+    layers = None
+    if checkpoint is not None:
+        entry = assets.CHECKPOINTS[checkpoint]
+        shape, layers = entry[0], entry[3] if len(entry) > 3 else None
+        kind, path = "random", assets.checkpoint_dir(checkpoint)
+    else:
+        kind, path = assets.smollm2_dir() if shape == "smollm2-135m" else ("random", assets.checkpoint_dir(SCALE))
     dims = assets.SHAPES[shape]
     n_steps = warmup + steps
     source, batches = assets.lm_batches(dims["vocab_size"], batch_size, seq_len,
@@ -119,9 +126,10 @@ def train_step(stack: str, precision: str = "bf16", gradient_checkpointing: bool
     model = add_lora(stack, model, r=r, alpha=alpha, dropout=dropout, targets=LLAMA_PROJECTIONS)
     seeded_lora_init(model, seed)
     result = _train(stack, model, batches, warmup, lr, dev, gradient_checkpointing, batch_size * seq_len)
-    flops, recompute = llama_step_flops(dims, batch_size, seq_len, r)
+    flops, recompute = llama_step_flops(dims, batch_size, seq_len, r, layers=layers)
     peak = matmul_flops_per_s(batch_size * seq_len, dims["hidden_size"], dims["intermediate_size"], dev)
     name = "SmolLM2-135M" if shape == "smollm2-135m" else "Llama-2-7B shape"
+    name += f", {layers} layers" if layers else ""
     return {"model": f"{name} ({kind} weights)", "data": source, "load_s": load_s,
             "load_peak_mem": load_peak, **result, "model_flops": flops,
             "recompute_flops": recompute if gradient_checkpointing else 0.0, "matmul_flops_per_s": peak,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import report
+from benchmarks.stacks import fast_bf16_products
 
 LABELS = {"fp32": "LoRA fp32", "bf16": "LoRA bf16", "nf4": "QLoRA NF4, fp32 residual, bf16 compute",
           "nf4-fp32": "QLoRA NF4, fp32 residual, fp32 compute"}
@@ -29,6 +30,24 @@ def test_train_step(compare, bench, precision, gc):
     assert pairs["minilora"]["trainable"] == pairs["peft"]["trainable"]
     for stack, result in pairs.items():
         assert all(0 < loss < 20 for loss in result["losses"]), f"{stack}: {result['losses']}"  # NaN fails
+
+
+@pytest.mark.full_only
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_qlora_step_8_layer_cut(compare, bench, batch_size):
+    """The QLoRA issue's first measurement: an 8-layer cut of SmolLM2-135M (random bf16 weights), QLoRA NF4 at
+    QLoRA's precision in both stacks (fp32 products on CPUs without fast bf16 kernels), two runs per stack."""
+    checkpoint = "smollm2-135m-8l-bf16"
+    bench.prepare(checkpoint)
+    precision = "nf4" if fast_bf16_products(bench.device) else "nf4-fp32"
+    params = {"precision": precision, "checkpoint": checkpoint, "batch_size": batch_size, "seq_len": 256,
+              "warmup": 1, "steps": 5}
+    label = f"{LABELS[precision]}, 8-layer cut, {batch_size} x 256"
+    pairs = compare(f"train:{precision}:8-layer:{batch_size}", "train_step", params,
+                    lambda p: report.train_rows(report.SECTIONS["train"], label, p), rounds=2)
+    assert pairs["minilora"]["trainable"] == pairs["peft"]["trainable"]
+    for stack, result in pairs.items():
+        assert all(0 < loss < 20 for loss in result["losses"]), f"{stack}: {result['losses']}"
 
 
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("nf4", marks=pytest.mark.full_only)])
