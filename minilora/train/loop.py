@@ -193,6 +193,10 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig | No
         with suppress(ImportError):  # matplotlib is an optional extra
             plot_metrics(metrics_file, out_dir / "loss.png")
     if created_group:
+        # Every rank done (rank 0 writes the files above) before any tears down: gloo aborts a process whose
+        # peer closes the connection while its own threads still use it ("terminate called without an
+        # active exception", ~1 run in 10 without this).
+        dist.barrier()
         dist.destroy_process_group()
     return summary
 
