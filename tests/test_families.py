@@ -23,7 +23,9 @@ WINDOW = 8  # sequences below are 20+ tokens: sliding layers really drop keys
 FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",  # q/k/v bias, sliding window on layers >= max_window_layers
               dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, attention_bias=True)),  # q/k norms, head_dim
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",  # q/k norms, head_dim, YaRN (Qwen3's long-context setting)
+              dict(head_dim=24, attention_bias=True, rope_parameters={
+                  "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 1000.0})),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW, head_dim=8)),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16, hidden_act="gelu")),  # gelu means tanh here
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",  # soft-capping, query_pre_attn_scalar, alternating windows
@@ -271,7 +273,8 @@ def test_multimodal_gemma3_is_refused_with_the_reason(tmp_path):
 
 
 @pytest.mark.parametrize("config, error, match", [
-    (dict(model_type="qwen2", rope_scaling={"rope_type": "yarn", "factor": 4.0}), ValueError, "rope type 'yarn'"),
+    (dict(model_type="qwen2", rope_scaling={"rope_type": "proportional", "factor": 4.0}), ValueError,
+     "rope type 'proportional'"),
     (dict(model_type="phi3", rope_scaling={"type": "longrope", "short_factor": [1.0] * 8}), KeyError, "long_factor"),
     (dict(model_type="phi3", partial_rotary_factor=0.5, rope_scaling={"type": "su", "short_factor": [1.0] * 8,
                                                                       "long_factor": [1.0] * 8}),

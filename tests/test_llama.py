@@ -11,7 +11,7 @@ from conftest import real_model_dir
 from safetensors.torch import load_file
 
 from minilora.models.gradient_checkpointing import enable_gradient_checkpointing
-from minilora.models.llama import LlamaForCausalLM, rope_inv_freq
+from minilora.models.llama import LlamaForCausalLM, LlamaRotaryEmbedding, rope_inv_freq
 from minilora.models.llama_config import LlamaConfig
 
 transformers.logging.set_verbosity_error()
@@ -28,6 +28,10 @@ VARIANTS = {
     "dynamic": dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
     "llama3": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "yarn": dict(rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8}),
+    "yarn_deepseek": dict(head_dim=16, rope_scaling={  # DeepSeek's attention factor, own betas, no truncation
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4, "beta_fast": 8, "beta_slow": 2,
+        "mscale": 0.707, "mscale_all_dim": 1.0, "truncate": False}),
 }
 
 
@@ -202,8 +206,11 @@ def test_config_reads_v4_and_v5_rope_formats():
 
 
 def test_config_rejects_bad_input():
-    with pytest.raises(ValueError, match="rope type 'yarn'"):
-        LlamaConfig.from_dict({**TINY, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(ValueError, match="rope type 'proportional'"):
+        LlamaConfig.from_dict({**TINY, "rope_scaling": {"rope_type": "proportional", "factor": 2.0}})
+    for bad in ({"factor": "4"}, {"factor": 2.0, "original_max_position_embeddings": 0}, {"factor": True}):
+        with pytest.raises(ValueError, match=f"{next(reversed(bad))} must be a positive number"):
+            LlamaConfig.from_dict({**TINY, "rope_scaling": {"rope_type": "yarn", **bad}})
     with pytest.raises(KeyError, match="low_freq_factor"):
         LlamaConfig.from_dict({**TINY, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
     with pytest.raises(KeyError, match="factor"):
@@ -239,3 +246,23 @@ def test_smollm2_logits_match_transformers():
     with torch.no_grad():
         expected, got = hf(ids).logits, model(ids).logits
     torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},  # Qwen2.5 / Qwen3's advice
+    {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+     "mscale": 1.0, "mscale_all_dim": 1.0},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8192, "attention_factor": 1.5},
+    {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 32768},  # inferred from the lengths
+])
+def test_yarn_frequencies_and_attention_factor_match_transformers(rope):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    shape = dict(TINY, hidden_size=1024, num_attention_heads=8, max_position_embeddings=131072)
+    hf_config = transformers.Qwen2Config(**shape, rope_parameters={"rope_theta": 1e6, **rope})
+    expected, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_config, "cpu")
+    config = LlamaConfig.from_dict({**shape, "rope_scaling": rope, "rope_theta": 1e6})
+    torch.testing.assert_close(rope_inv_freq(config), expected, rtol=1e-6, atol=0)
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    cos, _ = LlamaRotaryEmbedding(config)(torch.zeros(1), ids)
+    assert cos[0, 0, 0].item() == pytest.approx(attention_factor, rel=1e-6)  # cos(0) scaled by the factor

@@ -65,6 +65,19 @@ def rope_inv_freq(config: LlamaConfig, seq_len: int | None = None, device=None, 
         is_long = seq_len is not None and seq_len > scaling["original_max_position_embeddings"]
         ext = torch.tensor(scaling["long_factor" if is_long else "short_factor"], dtype=torch.float32, device=device)
         inv_freq = 1.0 / (ext * base ** (torch.arange(0, dim, 2, device=device, dtype=torch.int64).float() / dim))
+    elif kind == "yarn":  # YaRN: interpolated (/ factor) low frequencies, kept high ones, a linear ramp between
+        factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+
+        def dim_turning(rotations: float) -> float:  # the dimension turning `rotations` times over old_len
+            return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = dim_turning(scaling.get("beta_fast") or 32), dim_turning(scaling.get("beta_slow") or 1)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        span = high - low if high != low else 0.001
+        ramp = ((torch.arange(dim // 2, device=device, dtype=torch.float32) - low) / span).clamp(0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
     elif kind == "llama3":  # long wavelengths divided by factor, short ones kept, a smooth ramp in between
         factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
@@ -83,7 +96,8 @@ class LlamaRotaryEmbedding(nn.Module):
         self.config, self.local = config, local
         scaling = None if local and config.rope_local_theta is not None else config.rope_scaling
         self.kind = scaling["rope_type"] if scaling else "default"
-        self.attention_scaling = scaling.get("attention_factor", 1.0) if self.kind == "longrope" else 1.0
+        # cos and sin scaled by this (YaRN's and LongRoPE's attention factor: logits sharpened for long contexts)
+        self.attention_scaling = scaling["attention_factor"] if self.kind in ("longrope", "yarn") else 1.0
         # Computed on the CPU and moved: on the meta device (the loader) arange would import torch._dynamo.
         inv_freq = rope_inv_freq(config, device="cpu", local=local).to(torch.get_default_device())
         self.register_buffer("inv_freq", inv_freq, persistent=False)

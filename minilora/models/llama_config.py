@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "longrope", "yarn")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")  # of models.base.ACTIVATIONS: what the families use
 
@@ -40,7 +40,7 @@ class LlamaConfig:
     final_logit_softcapping: float | None = None  # logits -> c * tanh(logits / c)
     rope_local_theta: float | None = None  # RoPE base of sliding layers, unscaled (Gemma 3); None: as full layers
     partial_rotary_factor: float = 1.0  # rotate only the first head_dim * factor dimensions of q and k
-    original_max_position_embeddings: int | None = None  # pre-training length for llama3 / longrope scaling
+    original_max_position_embeddings: int | None = None  # pre-training length for llama3 / longrope / yarn
     resid_pdrop: float = 0.0  # dropout on the attention and MLP outputs before the residual add (Phi-3)
     model_type: str = "llama"
     raw: dict = field(default_factory=dict)
@@ -90,14 +90,26 @@ class LlamaConfig:
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"config.json rope_scaling / rope_parameters: rope type {rope_type!r} is not supported "
                              f"by minilora; expected one of {ROPE_TYPES}")
-        required = {"longrope": {"short_factor", "long_factor"},
+        for key, value in params.items():
+            if key in _ROPE_NUMBERS and value is not None and not (
+                    isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
+                raise ValueError(f"config.json rope_scaling / rope_parameters: {key} must be a positive number, "
+                                 f"got {value!r}")
+        required = {"longrope": {"short_factor", "long_factor"}, "yarn": set(),  # yarn infers its factor
                     "llama3": {"factor", "low_freq_factor", "high_freq_factor"}}.get(rope_type, {"factor"})
         if required - params.keys():
             raise KeyError(f"rope scaling {rope_type!r} in config is missing {sorted(required - params.keys())}")
-        if rope_type in ("llama3", "longrope"):
+        if rope_type in ("llama3", "longrope", "yarn"):
             # Phi-3 keeps the pre-training length at the top level of config.json; it wins, as in transformers.
             old_len = self.original_max_position_embeddings or params.get("original_max_position_embeddings")
             params["original_max_position_embeddings"] = old_len or self.max_position_embeddings
+        if rope_type == "yarn":  # factor and attention factor inferred as transformers does when left out
+            params["factor"] = params.get("factor") or self.max_position_embeddings / params[
+                "original_max_position_embeddings"]
+            if params.get("attention_factor") is None:
+                factor, mscale, mscale_all_dim = params["factor"], params.get("mscale"), params.get("mscale_all_dim")
+                params["attention_factor"] = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                                              if mscale and mscale_all_dim else _yarn_mscale(factor))
         if rope_type == "longrope":
             old_len = params["original_max_position_embeddings"]
             factor = params.get("factor") or self.max_position_embeddings / old_len
@@ -130,6 +142,15 @@ class LlamaConfig:
     def normalized(cls, d: dict) -> dict:
         """config.json translated to this class's fields (a family overrides it for its own spellings)."""
         return d
+
+
+_ROPE_NUMBERS = frozenset({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                           "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"})
+
+
+def _yarn_mscale(factor: float, mscale: float | None = None) -> float:
+    """YaRN's attention temperature for a context stretched `factor` times (the paper's 0.1 ln(s) + 1)."""
+    return 0.1 * (mscale or 1.0) * math.log(factor) + 1.0 if factor > 1 else 1.0
 
 
 # Fields only the families read from config.json; None in config.json means "off" for the nullable ones.
