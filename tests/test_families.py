@@ -41,6 +41,8 @@ FAMILIES = {
              dict(sliding_window=WINDOW * 2, original_max_position_embeddings=16,
                   rope_parameters={"rope_type": "longrope", "rope_theta": 1000.0, "partial_rotary_factor": 0.5,
                                    "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [2.0, 3.0, 4.0, 6.0]})),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM",  # no RoPE on layer 1 (NoPE), windowed there, tied head
+                dict(no_rope_layer_interval=2, use_sliding_window=True, sliding_window=WINDOW)),
 }
 
 
@@ -194,7 +196,7 @@ def test_lora_loss_and_gradients_equal_peft(family_dir):
 def test_default_targets_are_peft_defaults(family_dir):
     import peft
     family, folder = family_dir
-    if family == "phi3":  # peft has no default for phi3: both ask for target_modules
+    if family in ("phi3", "smollm3"):  # peft has no default for these: both ask for target_modules
         with pytest.raises(ValueError, match="target_modules"):
             ml.apply_lora(ml.from_pretrained(folder), ml.LoraConfig(r=2))
         return
@@ -283,6 +285,8 @@ def test_multimodal_gemma3_is_refused_with_the_reason(tmp_path):
     (dict(model_type="gemma2", hidden_activation="relu"), ValueError, "hidden_act"),
     (dict(model_type="mistral", sliding_window=None, num_hidden_layers=2), None, None),
     (dict(model_type="gemma2", sliding_window=None), ValueError, "sliding_window"),
+    (dict(model_type="smollm3", no_rope_layers=[1]), ValueError, "no_rope_layers must list 1 .* for each of the 2"),
+    (dict(model_type="smollm3", no_rope_layers=[1, 2]), ValueError, "no_rope_layers"),
 ])
 def test_config_errors_name_the_field(tmp_path, config, error, match):
     from minilora.models import model_classes
@@ -301,7 +305,7 @@ def test_family_defaults_follow_transformers():
         theirs = getattr(transformers, config_class)(**TINY)
         ours = model_classes({**TINY, "model_type": family})[0].from_dict({**TINY, "model_type": family})
         for key in ("head_dim", "sliding_window", "layer_types", "tie_word_embeddings", "rms_norm_eps",
-                    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+                    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "no_rope_layers"):
             if hasattr(theirs, key) and key in ours.family_keys | {"head_dim", "tie_word_embeddings", "rms_norm_eps"}:
                 assert getattr(ours, key) == getattr(theirs, key), (family, key)
 

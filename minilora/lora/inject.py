@@ -11,7 +11,7 @@ from minilora.lora.layer import LoraLinear, dense_linear
 from minilora.models.base import model_type_of, output_head_paths
 from minilora.quant.layers import is_quantized
 
-# target_modules=None picks what peft picks for these model types (peft has no default for phi3).
+# target_modules=None picks what peft picks for these model types (peft has no default for phi3, smollm3).
 DEFAULT_TARGETS = {"bert": ["query", "value"], "t5": ["q", "v"], "roberta": ["query", "value"],
                    "xlm-roberta": ["query", "value"],
                    **{t: ["q_proj", "v_proj"] for t in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2",

@@ -40,6 +40,7 @@ FAMILIES: dict[str, ModelFamily] = {
            ("gemma2", "Gemma2Config", "Gemma2ForCausalLM"),
            ("gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM"),
            ("phi3", "Phi3Config", "Phi3ForCausalLM"),
+           ("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM"),
        ]},
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
@@ -56,7 +57,7 @@ REFUSED_MODEL_TYPES = {
 ARCHITECTURE_TASKS = {
     **{name: task for family in FAMILIES.values() for task, name in family.tasks.items()},
     **{f"{name}Model": "causal-lm"
-       for name in ("Llama", "Qwen2", "Qwen3", "Mistral", "Gemma", "Gemma2", "Gemma3", "Phi3")},
+       for name in ("Llama", "Qwen2", "Qwen3", "Mistral", "Gemma", "Gemma2", "Gemma3", "Phi3", "SmolLM3")},
     **{f"{name}ForMaskedLM": "base" for name in ("Bert", "Roberta", "XLMRoberta")},
     "BertForPreTraining": "base",
     "T5WithLMHeadModel": "seq2seq",

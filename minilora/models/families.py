@@ -174,6 +174,40 @@ class Phi3Config(LlamaConfig):
         return d
 
 
+@dataclass
+class SmolLM3Config(LlamaConfig):
+    """SmolLM3: no RoPE on every `no_rope_layer_interval`-th layer (`no_rope_layers[i]` 0: NoPE), and with
+    use_sliding_window a sliding window on those layers; otherwise Llama with a tied head."""
+
+    vocab_size: int = 128256
+    hidden_size: int = 2048
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = 4
+    max_position_embeddings: int = 32768
+    rope_theta: float = 2_000_000.0
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 128000
+    eos_token_id: int | list[int] | None = 128001
+    pad_token_id: int | None = 128004
+    model_type: str = "smollm3"
+    family_keys: ClassVar[frozenset[str]] = _SLIDING | {"no_rope_layers"}
+
+    @classmethod
+    def normalized(cls, d: dict) -> dict:
+        layers, interval = d.get("num_hidden_layers", cls.num_hidden_layers), d.get("no_rope_layer_interval", 4)
+        rope_layers = d.get("no_rope_layers")
+        if rope_layers is None:
+            rope_layers = [int((i + 1) % interval != 0) for i in range(layers)]
+        d = {**d, "no_rope_layers": rope_layers}
+        if not (d.get("use_sliding_window") and d.get("sliding_window")):  # transformers ignores the window then
+            return {**d, "sliding_window": None, "layer_types": None}
+        if d.get("layer_types") is None:
+            d["layer_types"] = ["full_attention" if rope else "sliding_attention" for rope in rope_layers]
+        return d
+
+
 class Qwen2ForCausalLM(LlamaForCausalLM):
     """Qwen2 / Qwen2.5 decoder (see Qwen2Config for what differs from Llama)."""
 
@@ -200,3 +234,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
 
 class Phi3ForCausalLM(LlamaForCausalLM):
     """Phi-3 decoder (see Phi3Config)."""
+
+
+class SmolLM3ForCausalLM(LlamaForCausalLM):
+    """SmolLM3 decoder (see SmolLM3Config)."""

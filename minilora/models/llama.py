@@ -194,7 +194,8 @@ class LlamaAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        if cos is not None:  # None: a layer without position encoding (SmolLM3's NoPE layers)
+            q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
         if past_kv is not None:
             k, v = torch.cat((past_kv[0], k), dim=2), torch.cat((past_kv[1], v), dim=2)
         dropout = self.attention_dropout if self.training else 0.0
@@ -333,7 +334,8 @@ class LlamaModel(nn.Module):
         new_cache: KVCache = []
         for i, layer in enumerate(self.layers):
             past_kv = past_key_values[i] if past_key_values else None
-            x, kv = run_block(self, layer, x, *rope[layer_types[i]], masks[layer_types[i]], past_kv)
+            cos, sin = rope[layer_types[i]] if self.config.uses_rope(i) else (None, None)
+            x, kv = run_block(self, layer, x, cos, sin, masks[layer_types[i]], past_kv)
             if use_cache:
                 new_cache.append(kv)
         return self.norm(x), (new_cache if use_cache else None)

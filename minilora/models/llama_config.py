@@ -42,6 +42,7 @@ class LlamaConfig:
     partial_rotary_factor: float = 1.0  # rotate only the first head_dim * factor dimensions of q and k
     original_max_position_embeddings: int | None = None  # pre-training length for llama3 / longrope / yarn
     resid_pdrop: float = 0.0  # dropout on the attention and MLP outputs before the residual add (Phi-3)
+    no_rope_layers: list[int] | None = None  # per layer 1: RoPE, 0: no position encoding (SmolLM3); None: all 1
     model_type: str = "llama"
     raw: dict = field(default_factory=dict)
 
@@ -73,7 +74,15 @@ class LlamaConfig:
                              f"layers, got {self.layer_types}")
         if "sliding_attention" in self.layer_types and not self.sliding_window:
             raise ValueError("layer_types has sliding_attention layers but config field sliding_window is not set")
+        if self.no_rope_layers is not None and (len(self.no_rope_layers) != self.num_hidden_layers
+                                                or any(v not in (0, 1) for v in self.no_rope_layers)):
+            raise ValueError(f"no_rope_layers must list 1 (RoPE) or 0 (none) for each of the {self.num_hidden_layers} "
+                             f"layers, got {self.no_rope_layers}")
         self.rope_scaling = self._checked_rope_scaling()
+
+    def uses_rope(self, layer: int) -> bool:
+        """Whether layer `layer` rotates q and k (SmolLM3 leaves some layers without position encoding)."""
+        return self.no_rope_layers is None or bool(self.no_rope_layers[layer])
 
     @property
     def rotary_dim(self) -> int:
@@ -156,5 +165,5 @@ def _yarn_mscale(factor: float, mscale: float | None = None) -> float:
 # Fields only the families read from config.json; None in config.json means "off" for the nullable ones.
 _FAMILY_ONLY_KEYS = frozenset({"sliding_window", "layer_types", "query_pre_attn_scalar", "attn_logit_softcapping",
                                "final_logit_softcapping", "rope_local_theta", "partial_rotary_factor", "resid_pdrop",
-                               "original_max_position_embeddings"})
+                               "original_max_position_embeddings", "no_rope_layers"})
 _NULLABLE_KEYS = frozenset({"sliding_window", "attn_logit_softcapping", "final_logit_softcapping"})
