@@ -125,7 +125,9 @@ def test_config_class_errors_name_the_file(llama_dir):
 
 def test_huge_head_dim_fails_before_any_rope_table(llama_dir, monkeypatch):
     import minilora.models.llama as llama
-    monkeypatch.setattr(llama, "rope_inv_freq", lambda *a, **k: pytest.fail("RoPE table built"))
+    import minilora.models.rope as rope
+    for module in (llama, rope):
+        monkeypatch.setattr(module, "rope_inv_freq", lambda *a, **k: pytest.fail("RoPE table built"))
     source = edit_config(llama_dir, head_dim=2**40)
     fails_unchanged(llama_dir, CheckpointError, str(source), f"head_dim is {2**40}")
 

@@ -11,7 +11,8 @@ from conftest import real_model_dir
 from safetensors.torch import load_file
 
 from minilora.models.gradient_checkpointing import enable_gradient_checkpointing
-from minilora.models.llama import LlamaForCausalLM, LlamaRotaryEmbedding, rope_inv_freq
+from minilora.models.llama import LlamaForCausalLM
+from minilora.models.rope import LlamaRotaryEmbedding, rope_inv_freq
 from minilora.models.llama_config import LlamaConfig
 
 transformers.logging.set_verbosity_error()
