@@ -28,6 +28,16 @@ CASES = {
                             dict(r=2, lora_alpha=4, target_modules=["value"], bias="lora_only")),
     "llama-rslora-all-linear": (tiny_llama, lambda: {"input_ids": batch()["input_ids"]},
                                 dict(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=True)),
+    "llama-rank-and-alpha-patterns": (tiny_llama, lambda: {"input_ids": batch()["input_ids"]},
+                                      dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                           rank_pattern={"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
+                                           alpha_pattern={"down_proj": 3.0, "q_proj": 16})),
+    "llama-layers-to-transform": (tiny_llama, lambda: {"input_ids": batch()["input_ids"]},
+                                  dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"],
+                                       layers_to_transform=[1])),
+    "llama-layers-pattern": (tiny_llama, lambda: {"input_ids": batch()["input_ids"]},
+                             dict(r=2, lora_alpha=4, target_modules=["k_proj", "gate_proj"], layers_to_transform=0,
+                                  layers_pattern="layers", use_rslora=True, rank_pattern={"gate_proj": 3})),
 }
 
 

@@ -164,11 +164,31 @@ def assert_same_state(model, before: dict[str, torch.Tensor]) -> None:
     (dict(lora_alpha=True), "lora_alpha"), (dict(lora_dropout=True), "lora_dropout"), (dict(r=True), "r"),
     (dict(target_modules="q_proj("), "target_modules"), (dict(exclude_modules="[v"), "exclude_modules"),
     (dict(modules_to_save=5), "modules_to_save"), (dict(modules_to_save=[3]), "modules_to_save"),
+    (dict(rank_pattern={"q_proj": 0}), "rank_pattern"), (dict(rank_pattern={"q_proj": 2.5}), "rank_pattern"),
+    (dict(rank_pattern=["q_proj"]), "rank_pattern"), (dict(alpha_pattern={"v_proj": "8"}), "alpha_pattern"),
+    (dict(layers_to_transform=-1), "layers_to_transform"), (dict(layers_to_transform=[0, "1"]), "layers_to_transform"),
+    (dict(layers_pattern=3, layers_to_transform=0), "layers_pattern"),
 ])
 def test_lora_config_refuses_wrong_types_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"LoraConfig\.{field}\b") as info:
         ml.LoraConfig(**kwargs)
     assert repr(next(iter(kwargs.values()))) in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(target_modules="all-linear", layers_to_transform=[0]), "need a list of target_modules"),
+    (dict(target_modules=".*q_proj", layers_pattern="layers", layers_to_transform=0), "need a list of target_modules"),
+    (dict(target_modules=["q_proj"], layers_pattern="layers"), "layers_to_transform is not"),
+    (dict(rank_pattern={"q_proj(": 2}), r"rank_pattern: 'q_proj\(' is not a valid regular expression"),
+])
+def test_lora_config_refuses_layer_and_pattern_options_that_cannot_work(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ml.LoraConfig(**kwargs)
+
+
+def test_layers_to_transform_that_selects_nothing_names_the_layers():
+    with pytest.raises(ValueError, match=r"in layers_to_transform=\[5\] \(layers_pattern=None\)"):
+        ml.apply_lora(tiny_llama(), ml.LoraConfig(target_modules=["q_proj"], layers_to_transform=[5]))
 
 
 @pytest.mark.parametrize("field, value", [("use_rslora", "false"), ("lora_alpha", True)])

@@ -191,15 +191,16 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, targets: set[str],
     modules = dict(model.named_modules())
     if has_lora:
         own = model.lora_config
-        for field in ("r", "lora_alpha", "use_rslora"):
+        for field in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern"):
             if getattr(own, field) != getattr(config, field):
                 raise ValueError(f"the adapter has {field}={getattr(config, field)!r} but the model's LoRA layers "
                                  f"have {field}={getattr(own, field)!r}; load it onto a model without LoRA")
     shapes = {}
     for path in targets:
         m = modules[path]
-        shapes[f"{path}.lora_A.weight"] = (config.r, m.in_features)
-        shapes[f"{path}.lora_B.weight"] = (m.out_features, config.r)
+        r = config.rank_for(path)
+        shapes[f"{path}.lora_A.weight"] = (r, m.in_features)
+        shapes[f"{path}.lora_B.weight"] = (m.out_features, r)
         if f"{path}.bias" in params:
             shapes[f"{path}.bias"] = params[f"{path}.bias"]
     if config.bias == "all":

@@ -13,8 +13,7 @@ INIT_MODES = (True, False, "gaussian")
 # peft fields that select features minilora does not implement: loading an adapter that turns one of them on
 # must fail loudly rather than silently compute something else.
 _UNSUPPORTED_WHEN_SET = {
-    "use_dora": False, "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
-    "layers_to_transform": None, "layer_replication": None, "use_qalora": False, "lora_bias": False,
+    "use_dora": False, "fan_in_fan_out": False, "layer_replication": None, "use_qalora": False, "lora_bias": False,
     "target_parameters": None, "trainable_token_indices": None,
 }
 
@@ -26,6 +25,12 @@ class LoraConfig:
     target_modules: a list of module-name suffixes (`["q_proj", "v_proj"]` matches `...self_attn.q_proj`), a
     regex string fully matched against the module path (as peft does), `"all-linear"` (every linear layer
     except the output head), or None for the model type's usual default (q/v projections).
+    rank_pattern / alpha_pattern: per-module r / lora_alpha, {pattern: value}; a module takes the value of the
+    first pattern that matches the end of its path on a module boundary (peft's rule: `v_proj`,
+    `layers\\.0\\.self_attn\\.q_proj`), else r / lora_alpha.
+    layers_to_transform / layers_pattern: with a list of target_modules, only the modules inside
+    these layer indices; the index is the number after `<layers_pattern>.` in the path (`layers`, `h`, ...),
+    or the first number in it when layers_pattern is None.
     """
 
     r: int = 8
@@ -37,6 +42,10 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     use_rslora: bool = False
     init_lora_weights: bool | str = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # peft fields passed through on save
 
     def __post_init__(self) -> None:
@@ -45,6 +54,8 @@ class LoraConfig:
         if isinstance(self.modules_to_save, (tuple, set, str)):
             self.modules_to_save = [self.modules_to_save] if isinstance(self.modules_to_save, str) \
                 else list(self.modules_to_save)
+        if self.layers_to_transform == []:  # peft: an empty list selects every layer
+            self.layers_to_transform = None
         self.validate()
 
     def validate(self) -> None:
@@ -77,6 +88,33 @@ class LoraConfig:
             elif value is not None and (not isinstance(value, list) or not value
                                         or not all(isinstance(v, str) and v for v in value)):
                 raise fail(name, "a non-empty list of module names or a regex string")
+        for name, valid, expected in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool)
+                                       and v > 0, "positive integers"),
+                                      ("alpha_pattern", lambda v: is_number(v) and math.isfinite(v) and v > 0,
+                                       "positive numbers")):
+            patterns = getattr(self, name)
+            if not isinstance(patterns, dict) or not all(isinstance(k, str) and k and valid(v)
+                                                         for k, v in patterns.items()):
+                raise fail(name, f"a dict of module-name patterns to {expected}")
+            for key in patterns:
+                try:
+                    re.compile(key)
+                except re.error as e:
+                    raise ValueError(f"LoraConfig.{name}: {key!r} is not a valid regular expression ({e})") from None
+        layers = self.layers_to_transform
+        is_index = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+        if layers is not None and not is_index(layers) and not (isinstance(layers, list) and layers
+                                                               and all(is_index(v) for v in layers)):
+            raise fail("layers_to_transform", "None, a layer index or a list of layer indices (ints >= 0)")
+        pattern = self.layers_pattern
+        if pattern is not None and not (isinstance(pattern, str) and pattern) and not (
+                isinstance(pattern, list) and all(isinstance(p, str) and p for p in pattern)):
+            raise fail("layers_pattern", "None, a module-list name such as 'layers', or a list of such names")
+        if isinstance(self.target_modules, str) and (layers is not None or pattern):  # as peft refuses it
+            raise ValueError("LoraConfig.layers_to_transform / layers_pattern need a list of target_modules, not "
+                             f"{self.target_modules!r}: name the modules, or put the layers in a regex")
+        if pattern and layers is None:
+            raise ValueError("LoraConfig.layers_pattern is set but layers_to_transform is not: name the layers")
         if self.modules_to_save is not None and (not isinstance(self.modules_to_save, list)
                                                  or not all(isinstance(m, str) and m for m in self.modules_to_save)):
             raise fail("modules_to_save", "None or a list of module names")
@@ -99,13 +137,20 @@ class LoraConfig:
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    def rank_for(self, path: str) -> int:
+        """r of the LoRA layer at module path `path` (rank_pattern, else r)."""
+        return _pattern_value(self.rank_pattern, path, self.r)
+
+    def alpha_for(self, path: str) -> float:
+        """lora_alpha of the LoRA layer at module path `path` (alpha_pattern, else lora_alpha)."""
+        return _pattern_value(self.alpha_pattern, path, self.lora_alpha)
+
     def to_peft_dict(self, **overrides: Any) -> dict[str, Any]:
         """The adapter_config.json content, in peft's schema."""
         d = {k: v for k, v in asdict(self).items() if k != "extra"}
         d.update({
             "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
-            "inference_mode": True, "fan_in_fan_out": False, "use_dora": False, "rank_pattern": {},
-            "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+            "inference_mode": True, "fan_in_fan_out": False, "use_dora": False,
         })
         d.update(self.extra)
         d.update(overrides)
@@ -130,3 +175,11 @@ class LoraConfig:
             return cls(**kwargs, extra=extra)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{source}: {e}") from None
+
+
+def _pattern_value(patterns: dict, path: str, default):
+    """The value of the first pattern matching the end of `path` on a module boundary, else `default`."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return default

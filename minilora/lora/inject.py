@@ -45,6 +45,10 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         found = [p for p, m in model.named_modules() if is_linear(m) and p not in skip]
     else:
         found = [p for p, m in model.named_modules() if p and name_matches(p, targets)]
+    if config.layers_to_transform is not None:  # peft: a path listed whole is taken whatever its layer
+        wanted = config.layers_to_transform
+        wanted = {wanted} if isinstance(wanted, int) else set(wanted)
+        found = [p for p in found if p in targets or layer_index(p, config.layers_pattern) in wanted]
     if config.exclude_modules:
         found = [p for p in found if not name_matches(p, config.exclude_modules)]
     also_saved = [p for p in found if any(p == s or p.startswith(s + ".") for s in saved)]
@@ -55,13 +59,24 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                          "LoRA-wrapped or trained in full; take it out of one of the two")
     if not found:
         examples = [p for p, m in model.named_modules() if is_linear(m)][:8]
-        raise ValueError(f"target_modules={targets!r} matched no module of {type(model).__name__}; "
+        layers = "" if config.layers_to_transform is None else (
+            f" in layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r})")
+        raise ValueError(f"target_modules={targets!r} matched no module of {type(model).__name__}{layers}; "
                          f"linear layers it has include: {examples}")
     model_modules = dict(model.named_modules())
     wrong = [f"{p} ({type(model_modules[p]).__name__})" for p in found if not is_linear(model_modules[p])]
     if wrong:
         raise ValueError(f"target_modules matched modules that are not linear layers: {wrong[:8]}")
     return found
+
+
+def layer_index(path: str, layers_pattern: list[str] | str | None = None) -> int | None:
+    """The index of the layer holding module `path`, as peft reads it: the number after `<layers_pattern>.`
+    (`model.layers.3.mlp.up_proj` -> 3 for "layers"), or after the first module list when there is no pattern."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []
+    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    match = next((m for m in (re.match(r, path) for r in regexes) if m), None)
+    return int(match["idx"]) if match else None
 
 
 def modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -99,7 +114,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     targets = find_lora_targets(model, config)
     saved = modules_to_save_paths(model, config)
     modules = dict(model.named_modules())
-    wrapped = {p: LoraLinear(modules[p], config.r, config.lora_alpha, config.lora_dropout,
+    wrapped = {p: LoraLinear(modules[p], config.rank_for(p), config.alpha_for(p), config.lora_dropout,
                              config.use_rslora, config.init_lora_weights) for p in targets}
 
     for p in model.parameters():
