@@ -159,7 +159,7 @@ def test_truncated_adapter_file_is_named(saved):
 @pytest.mark.parametrize("content, match", [
     ("{not json", "not valid JSON"), ("[1, 2]", "JSON object"), ('{"peft_type": "LORA"}', "'r'"),
     ('{"peft_type": "IA3", "r": 4, "lora_alpha": 8}', "IA3"),
-    ('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": true, "target_modules": ["q_proj"]}', "use_dora"),
+    ('{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_bias": true, "target_modules": ["q_proj"]}', "lora_bias"),
     ('{"peft_type": "LORA", "r": 0, "lora_alpha": 8, "target_modules": ["q_proj"]}', "r must be"),
 ])
 def test_malformed_config_is_named(saved, content, match):

@@ -160,7 +160,7 @@ def assert_same_state(model, before: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    (dict(use_rslora="false"), "use_rslora"), (dict(use_rslora="no"), "use_rslora"),
+    (dict(use_rslora="false"), "use_rslora"), (dict(use_rslora="no"), "use_rslora"), (dict(use_dora=1), "use_dora"),
     (dict(lora_alpha=True), "lora_alpha"), (dict(lora_dropout=True), "lora_dropout"), (dict(r=True), "r"),
     (dict(target_modules="q_proj("), "target_modules"), (dict(exclude_modules="[v"), "exclude_modules"),
     (dict(modules_to_save=5), "modules_to_save"), (dict(modules_to_save=[3]), "modules_to_save"),

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import TinyClassifier, classification_data, fixed_length_lm_data, tiny_lora_llama
+from train_helpers import TinyClassifier, classification_data, fixed_length_lm_data, tiny_llama, tiny_lora_llama
 
+import minilora as ml
 from minilora.train.checkpoints import read_tree, write_tree
 from minilora.train.loop import train
 from minilora.train.config import TrainConfig
@@ -49,6 +50,10 @@ CASES = {
     # LoRA (dropout in LoRA and attention) + torch AdamW; resume with "latest"
     "lora-adamw": (lambda: tiny_lora_llama(lora_dropout=0.1, dropout=0.1), lambda: fixed_length_lm_data(20),
                    "adamw_torch", "latest"),
+    # DoRA: its magnitudes are saved, restored and trained like the factors
+    "dora-adamw": (lambda: ml.apply_lora(tiny_llama(dropout=0.1), ml.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "down_proj"], use_dora=True)),
+        lambda: fixed_length_lm_data(20), "adamw_torch", "latest"),
     # full fine-tuning (no LoRA: trainable_params.safetensors) + bitsandbytes 8-bit AdamW (64x64 is quantized)
     "full-adamw8bit": (lambda: TinyClassifier(hidden=64, dropout=0.1), lambda: classification_data(20),
                        "adamw_8bit", "checkpoint-4"),

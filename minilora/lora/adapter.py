@@ -1,8 +1,9 @@
 """Adapters on disk in peft's format: adapter_config.json + adapter_model.safetensors.
 
 Keys are peft's: `base_model.model.<module path>.lora_A.weight`, `...lora_B.weight`, modules_to_save at
-their plain path (`base_model.model.classifier.weight`), and biases of LoRA-wrapped layers at
-`<path>.base_layer.bias` (what peft writes for bias="all"/"lora_only").
+their plain path (`base_model.model.classifier.weight`), biases of LoRA-wrapped layers at
+`<path>.base_layer.bias` (what peft writes for bias="all"/"lora_only"), and DoRA's magnitudes at
+`<path>.lora_magnitude_vector`.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from minilora.lora.inject import apply_lora, find_lora_targets, lora_layers, mod
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's m: `<path>.lora_magnitude_vector.weight` here, without `.weight` in files
 # peft task types by the suffix of the model's class name (PeftModel.from_pretrained picks its wrapper by it),
 # with the heads peft's wrapper then trains and expects in the file.
 _TASK_TYPES = {"ForCausalLM": ("CAUSAL_LM", ()), "ForConditionalGeneration": ("SEQ_2_SEQ_LM", ()),
@@ -39,6 +41,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for path, layer in lora_layers(model).items():
         wanted[f"{path}.lora_A.weight"] = layer.lora_A.weight
         wanted[f"{path}.lora_B.weight"] = layer.lora_B.weight
+        if layer.lora_magnitude_vector is not None:
+            wanted[f"{path}.{MAGNITUDE}.weight"] = layer.lora_magnitude_vector.weight
         if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             wanted[f"{path}.bias"] = layer.base_layer.bias
     if config.bias == "all":
@@ -56,6 +60,8 @@ def _config_of(model: nn.Module) -> LoraConfig:
 
 
 def _to_peft_key(name: str, lora_paths: set[str]) -> str:
+    if name.endswith(f".{MAGNITUDE}.weight"):
+        return PREFIX + name.removesuffix(".weight")
     module, _, leaf = name.rpartition(".")
     if leaf == "bias" and module in lora_paths:
         name = f"{module}.base_layer.bias"
@@ -64,6 +70,8 @@ def _to_peft_key(name: str, lora_paths: set[str]) -> str:
 
 def _from_peft_key(key: str) -> str:
     name = key.removeprefix(PREFIX)
+    if name.endswith(f".{MAGNITUDE}"):
+        return name + ".weight"
     # peft's bias="all" also writes the modules_to_save copy and the untouched original: keep the copy.
     return name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
 
@@ -191,7 +199,7 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, targets: set[str],
     modules = dict(model.named_modules())
     if has_lora:
         own = model.lora_config
-        for field in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern"):
+        for field in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora"):
             if getattr(own, field) != getattr(config, field):
                 raise ValueError(f"the adapter has {field}={getattr(config, field)!r} but the model's LoRA layers "
                                  f"have {field}={getattr(own, field)!r}; load it onto a model without LoRA")
@@ -201,6 +209,8 @@ def _expected_shapes(model: nn.Module, config: LoraConfig, targets: set[str],
         r = config.rank_for(path)
         shapes[f"{path}.lora_A.weight"] = (r, m.in_features)
         shapes[f"{path}.lora_B.weight"] = (m.out_features, r)
+        if config.use_dora:
+            shapes[f"{path}.{MAGNITUDE}.weight"] = (m.out_features,)
         if f"{path}.bias" in params:
             shapes[f"{path}.bias"] = params[f"{path}.bias"]
     if config.bias == "all":

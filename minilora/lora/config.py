@@ -13,7 +13,7 @@ INIT_MODES = (True, False, "gaussian")
 # peft fields that select features minilora does not implement: loading an adapter that turns one of them on
 # must fail loudly rather than silently compute something else.
 _UNSUPPORTED_WHEN_SET = {
-    "use_dora": False, "fan_in_fan_out": False, "layer_replication": None, "use_qalora": False, "lora_bias": False,
+    "fan_in_fan_out": False, "layer_replication": None, "use_qalora": False, "lora_bias": False,
     "target_parameters": None, "trainable_token_indices": None,
 }
 
@@ -28,6 +28,7 @@ class LoraConfig:
     rank_pattern / alpha_pattern: per-module r / lora_alpha, {pattern: value}; a module takes the value of the
     first pattern that matches the end of its path on a module boundary (peft's rule: `v_proj`,
     `layers\\.0\\.self_attn\\.q_proj`), else r / lora_alpha.
+    use_dora: DoRA (`minilora.lora.dora`): the merged weight's rows rescaled to trained magnitudes.
     layers_to_transform / layers_pattern: with a list of target_modules, only the modules inside
     these layer indices; the index is the number after `<layers_pattern>.` in the path (`layers`, `h`, ...),
     or the first number in it when layers_pattern is None.
@@ -42,6 +43,7 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     use_rslora: bool = False
     init_lora_weights: bool | str = True
+    use_dora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
@@ -71,8 +73,9 @@ class LoraConfig:
             raise fail("lora_alpha", "a positive number")
         if not is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             raise fail("lora_dropout", "a number in [0, 1)")
-        if not isinstance(self.use_rslora, bool):
-            raise fail("use_rslora", "True or False (a JSON boolean, not a string)")
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise fail(name, "True or False (a JSON boolean, not a string)")
         if self.bias not in BIAS_MODES:
             raise fail("bias", f"one of {BIAS_MODES}")
         if self.init_lora_weights not in INIT_MODES or isinstance(self.init_lora_weights, int) and \
@@ -150,7 +153,7 @@ class LoraConfig:
         d = {k: v for k, v in asdict(self).items() if k != "extra"}
         d.update({
             "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
-            "inference_mode": True, "fan_in_fan_out": False, "use_dora": False,
+            "inference_mode": True, "fan_in_fan_out": False,
         })
         d.update(self.extra)
         d.update(overrides)

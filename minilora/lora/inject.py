@@ -115,7 +115,8 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     saved = modules_to_save_paths(model, config)
     modules = dict(model.named_modules())
     wrapped = {p: LoraLinear(modules[p], config.rank_for(p), config.alpha_for(p), config.lora_dropout,
-                             config.use_rslora, config.init_lora_weights) for p in targets}
+                             config.use_rslora, config.init_lora_weights, use_dora=config.use_dora)
+               for p in targets}
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -123,6 +124,8 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         _set_module(model, path, layer)
         layer.lora_A.weight.requires_grad_(True)
         layer.lora_B.weight.requires_grad_(True)
+        if layer.lora_magnitude_vector is not None:
+            layer.lora_magnitude_vector.weight.requires_grad_(True)
         if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             layer.base_layer.bias.requires_grad_(True)
     if config.bias == "all":

@@ -2,7 +2,10 @@
 
     y = base(x) + scaling * B(A(dropout(x)))        scaling = lora_alpha / r  (rsLoRA: lora_alpha / sqrt(r))
 
-`LoraLinear.reference_forward` is that formula in plain PyTorch. `forward` computes the same numbers through
+With `use_dora`, the layer is DoRA's instead (`minilora.lora.dora`): the rows of W + scaling * B A rescaled to
+learned magnitudes, computed in plain autograd.
+
+`LoraLinear.reference_forward` is the LoRA formula in plain PyTorch. `forward` computes the same numbers through
 one fused op (`minilora.ops.lora_update`), shared by sibling layers fed one input (`minilora.ops.linear_group`
 calls `LoraLinear.forward_group`); tests hold the two equal in outputs and gradients. The base is an
 nn.Linear or a quantized layer (NF4/int8, `minilora.quant`).
@@ -24,6 +27,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from minilora.lora.dora import DoraMagnitude, dora_forward, dora_scale, row_norms
 from minilora.ops import gemm
 from minilora.ops.dropout import shared_dropout_mask
 from minilora.ops.lora_update import lora_update
@@ -45,7 +49,7 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: bool | str = True,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, use_dora: bool = False):
         super().__init__()
         object.__setattr__(self, "base_layer", base)  # not a child: its tensors are ours already
         self._parameters = base._parameters
@@ -59,6 +63,12 @@ class LoraLinear(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else None
         self.merged = False
         self.reset_lora_parameters(init_lora_weights)
+        self.lora_magnitude_vector = None
+        if use_dora:  # m starts at the rows' norms, so the layer starts as its LoRA would
+            weight = frozen_weight(base, torch.float32)
+            self.lora_magnitude_vector = DoraMagnitude(row_norms(weight, self.scaling * (
+                self.lora_B.weight.float() @ self.lora_A.weight.float())).to(dtype))
+        self._merged_scale: torch.Tensor | None = None  # DoRA's row factor while merged (unmerge divides by it)
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: bool | str = True) -> None:
@@ -84,9 +94,19 @@ class LoraLinear(nn.Module):
             out = gemm.apply_linear(self.base_layer, x)
             trainable = torch.is_grad_enabled() and self.lora_A.weight.requires_grad
             return _MergedGuard.apply(out, self.lora_A.weight) if trainable else out
+        if self.lora_magnitude_vector is not None:
+            return self.dora_forward(x)
         if not self.fused:
             return self.reference_forward(x)
         return LoraLinear.forward_group(x, [self])[0]
+
+    def dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """DoRA's output (`minilora.lora.dora.dora_forward`) on this layer's base and factors."""
+        keep, scaling = self.dropout_mask(x)
+        base = self.base_layer
+        weight = frozen_weight(base, self.lora_A.weight.dtype)
+        return dora_forward(x, base(x), weight, base.bias, self.lora_A.weight, self.lora_B.weight,
+                            self.lora_magnitude_vector.weight, self.scaling, keep, scaling / self.scaling)
 
     @staticmethod
     def forward_group(x: torch.Tensor, layers: list[LoraLinear]) -> list[torch.Tensor]:
@@ -95,7 +115,7 @@ class LoraLinear(nn.Module):
         called first and its output handed to the op."""
         results, calls = {}, {}
         for layer in layers:
-            if layer.merged or not layer.fused:
+            if layer.merged or not layer.fused or layer.lora_magnitude_vector is not None:
                 results[id(layer)] = layer.forward(x)
                 continue
             keep, scaling = layer.dropout_mask(x)
@@ -124,21 +144,38 @@ class LoraLinear(nn.Module):
         return keep, self.scaling / (1 - p_eff)
 
     def delta_weight(self) -> torch.Tensor:
-        """scaling * B @ A in fp32, the (out, in) update that merging adds to the base weight."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        """The (out, in) fp32 update that merging adds to the (unmerged) base weight: scaling * B @ A, or with
+        DoRA the rescaled merged weight minus the base weight."""
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        if self.lora_magnitude_vector is None:
+            return delta
+        weight = frozen_weight(self.base_layer, torch.float32).float()
+        return (weight + delta) * self.dora_scale()[:, None] - weight
+
+    def dora_scale(self) -> torch.Tensor:
+        """DoRA's factor m / ||W + s B A||_row for the rows of the merged weight (`minilora.lora.dora`)."""
+        return dora_scale(frozen_weight(self.base_layer, torch.float32), self.lora_A.weight, self.lora_B.weight,
+                          self.lora_magnitude_vector.weight, self.scaling)
 
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             return
+        scale = None if self.lora_magnitude_vector is None else self.dora_scale()
         self._add_to_base(self.delta_weight())
+        self._merged_scale = scale
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        self._add_to_base(-self.delta_weight())
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        if self._merged_scale is not None:  # W = W' / factor - s B A
+            w = self.base_layer.weight.float()
+            delta = w - (w / self._merged_scale[:, None] - delta)
+            self._merged_scale = None
+        self._add_to_base(-delta)
         self.merged = False
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
@@ -171,7 +208,8 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"base={type(self.base_layer).__name__}, in_features={self.in_features}, "
-                f"out_features={self.out_features}, r={self.r}, scaling={self.scaling:g}, merged={self.merged}")
+                f"out_features={self.out_features}, r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
+                + (", dora=True" if self.lora_magnitude_vector is not None else ""))
 
 
 def runs_inside(base: nn.Module, x: torch.Tensor) -> bool:
