@@ -6,7 +6,9 @@ m (out,) trains with A and B and starts at ||W + s B A||_row, so W' = W + s B A 
 held constant in backward (the paper's section 4.3; peft does the same). With dropout on the LoRA input peft
 applies the rescaling to the dropped input only, y = base(x) + (m/n - 1) drop(x) W^T + m/n s B A drop(x), and
 so does `dora_forward`. The DoRA terms run in the factors' dtype (fp32), as peft runs them, whatever the
-base's dtype; that costs a dense (dequantized) copy of W per call, the price of DoRA in peft too.
+base's dtype; that costs a dense (dequantized) copy of W per call, the price of DoRA in peft too. (peft
+dequantizes a 4-bit W to its stored dtype before the fp32 cast; minilora straight to fp32: the norms differ
+by that rounding.)
 """
 from __future__ import annotations
 
