@@ -269,11 +269,6 @@ def test_unsupported_model_type_lists_the_supported_ones(tmp_path):
         ml.from_pretrained(write_config(tmp_path, model_type="falcon"))
 
 
-def test_multimodal_gemma3_is_refused_with_the_reason(tmp_path):
-    with pytest.raises(ValueError, match=r"'gemma3'.*multimodal.*gemma3_text"):
-        ml.from_pretrained(write_config(tmp_path, model_type="gemma3", text_config={}))
-
-
 @pytest.mark.parametrize("config, error, match", [
     (dict(model_type="qwen2", rope_scaling={"rope_type": "proportional", "factor": 4.0}), ValueError,
      "rope type 'proportional'"),

@@ -29,27 +29,36 @@ LAYER_KEYS = {
 
 
 def check_config_dict(config_class: type, config: dict, source: Path) -> None:
-    """config.json's values against `config_class`'s fields: types, then sizes (before the config is built)."""
-    problems = type_errors(config_class, config)
-    for name in ("id2label", "label2id", "quantization_config", "rope_parameters"):
-        if config.get(name) is not None and not isinstance(config[name], dict):
-            problems.append(f"{name}: expected a JSON object, got {type(config[name]).__name__}")
+    """config.json's values against `config_class`'s fields: types, then sizes (before the config is built).
+    A config class with a `nested_config` key (a multimodal config's "text_config") has its fields there."""
+    nested = getattr(config_class, "nested_config", None)
+    if nested and config.get(nested) is not None and not isinstance(config[nested], dict):
+        raise CheckpointError(f"{source}: {nested}: expected a JSON object, got {type(config[nested]).__name__}")
+    scopes = [("", config)] + ([(nested + ".", config.get(nested) or {})] if nested else [])
+    problems = [scope + problem for scope, values in scopes for problem in type_errors(config_class, values)]
+    for scope, values in scopes:
+        for name in ("id2label", "label2id", "quantization_config", "rope_parameters"):
+            if values.get(name) is not None and not isinstance(values[name], dict):
+                problems.append(f"{scope}{name}: expected a JSON object, got {type(values[name]).__name__}")
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
     fields = getattr(config_class, "__dataclass_fields__", {})
-    for name, value in config.items():
-        if name in fields and _SIZE_FIELD.search(name) and type(value) is int and value < 1:
-            raise CheckpointError(f"{source}: {name} must be >= 1, got {value}")
+    for scope, values in scopes:
+        for name, value in values.items():
+            if name in fields and _SIZE_FIELD.search(name) and type(value) is int and value < 1:
+                raise CheckpointError(f"{source}: {scope}{name} must be >= 1, got {value}")
     num_labels = config.get("num_labels")
     if isinstance(num_labels, int) and num_labels > MAX_NUM_LABELS:
         raise CheckpointError(f"{source}: num_labels={num_labels} is more than {MAX_NUM_LABELS}")
 
 
-def check_against_checkpoint(config, checkpoint: Checkpoint, source: Path) -> None:
+def check_against_checkpoint(config, checkpoint: Checkpoint, source: Path, skip: tuple[str, ...] = ()) -> None:
     """Before the model is built: the config's layer counts must equal the number of layers the checkpoint
     holds (a wrong count would build every layer first), and no width may exceed every stored tensor's
-    dimensions (a huge head_dim would compute a huge RoPE table first)."""
-    keys = checkpoint.keys()
+    dimensions (a huge head_dim would compute a huge RoPE table first). Keys matching a `skip` regex (parts
+    the model does not build, e.g. a vision tower) are not counted."""
+    skipped = [re.compile(p) for p in skip]
+    keys = [k for k in checkpoint.keys() if not any(p.search(k) for p in skipped)]
     largest = max((max(checkpoint.shape(k), default=1) for k in keys), default=1)
     for name in WIDTH_FIELDS:
         value = getattr(config, name, None)

@@ -66,7 +66,8 @@ def from_pretrained(path_or_id: str | os.PathLike, task: str | None = None, num_
     config_class, model_class = model_classes(config_dict, task)
     device = resolve_device(device)
     with Checkpoint(model_dir) as checkpoint:
-        config = _checked_config(config_class, config_dict, checkpoint, model_dir / "config.json")
+        config = _checked_config(config_class, config_dict, checkpoint, model_dir / "config.json",
+                                 model_class.unbuilt_parts)
         dtype, compute_dtype = _resolve_dtype(dtype, config_dict, checkpoint,
                                               quantize is not None or "quantization_config" in config_dict)
         qconfig, prequantized = _resolve_quantization(quantize, config_dict, compute_dtype)
@@ -100,14 +101,16 @@ def _no_random_init():
             setattr(nn.init, n, f)
 
 
-def _checked_config(config_class: type, config_dict: dict, checkpoint: Checkpoint, source: Path):
-    """The model config, its values and layer count checked against the checkpoint before any layer is built."""
+def _checked_config(config_class: type, config_dict: dict, checkpoint: Checkpoint, source: Path,
+                    unbuilt_parts: tuple[str, ...] = ()):
+    """The model config, its values and layer count checked against the checkpoint (less the parts the model
+    does not build) before any layer is built."""
     load_checks.check_config_dict(config_class, config_dict, source)
     try:
         config = config_class.from_dict(config_dict)
     except (ValueError, TypeError, KeyError) as e:  # the config class's own checks: name the file
         raise type(e)(f"{source}: {e}") from None
-    load_checks.check_against_checkpoint(config, checkpoint, source)
+    load_checks.check_against_checkpoint(config, checkpoint, source, unbuilt_parts)
     return config
 
 
@@ -157,16 +160,26 @@ def _resolve_quantization(quantize, config_dict: dict, dtype: torch.dtype):
 
 
 def _match_keys(model: nn.Module, checkpoint_keys: Iterable[str], model_keys: set[str], saved_architectures: list[str],
-                loose_prefixes: tuple[str, ...] = ()) -> tuple[dict[str, str], list[str], list[str]]:
-    """Map checkpoint keys to model keys: ({model key: checkpoint key}, dropped head keys, unexpected keys).
+                loose_prefixes: tuple[str, ...] = ()) -> tuple[dict[str, str], list[str], list[str], list[str]]:
+    """Map checkpoint keys to model keys: ({model key: checkpoint key}, dropped head keys, keys of parts the
+    model does not build, unexpected keys).
 
-    A checkpoint of the bare base model (no `base_model_prefix.`) loads into a task class, and a task
-    checkpoint into the base model. Tensors of another class's head (e.g. `cls.*` of BertForPreTraining)
-    are dropped with a warning; anything else unknown is unexpected.
+    Stored keys are first renamed by the model's `checkpoint_renames`. A checkpoint of the bare base model (no
+    `base_model_prefix.`) loads into a task class, and a task checkpoint into the base model. Tensors of
+    another class's head (e.g. `cls.*` of BertForPreTraining) and of the model's `unbuilt_parts` are dropped
+    with a warning; anything else unknown is unexpected.
     """
+    renames = [(re.compile(pattern), replacement) for pattern, replacement in model.checkpoint_renames]
+    unbuilt_parts = [re.compile(p) for p in model.unbuilt_parts]
+    renamed, unbuilt = {}, []
+    for key in checkpoint_keys:
+        if any(p.search(key) for p in unbuilt_parts):
+            unbuilt.append(key)
+        else:
+            renamed[key] = _renamed(key, renames)
     prefix = model.base_model_prefix + "."
     is_task_model = isinstance(getattr(model, model.base_model_prefix, None), nn.Module)
-    prefixed = any(k.startswith(prefix) for k in checkpoint_keys)
+    prefixed = any(k.startswith(prefix) for k in renamed.values())
     ignored = [re.compile(p) for p in (*model.ignore_unexpected_keys, *ALWAYS_IGNORED_KEYS)]
     from_other_class = bool(saved_architectures) and type(model).__name__ not in saved_architectures
 
@@ -174,21 +187,27 @@ def _match_keys(model: nn.Module, checkpoint_keys: Iterable[str], model_keys: se
         return not target.startswith(prefix) if is_task_model else prefixed and not key.startswith(prefix)
 
     mapping, dropped, unexpected = {}, [], []
-    for key in checkpoint_keys:
+    for stored, key in renamed.items():
         target = key
         if is_task_model and not prefixed and key not in model_keys:
             target = prefix + key
         elif not is_task_model and prefixed and key.startswith(prefix):
             target = key[len(prefix):]
         if target in model_keys or target.startswith(loose_prefixes):
-            mapping[target] = key
+            mapping[target] = stored
         elif any(p.search(key) or p.search(target) for p in ignored):
             continue
         elif from_other_class and outside_base(key, target):
-            dropped.append(key)
+            dropped.append(stored)
         else:
-            unexpected.append(key)
-    return mapping, dropped, unexpected
+            unexpected.append(stored)
+    return mapping, dropped, unbuilt, unexpected
+
+
+def _renamed(key: str, renames: list[tuple[re.Pattern, str]]) -> str:
+    for pattern, replacement in renames:
+        key = pattern.sub(replacement, key)
+    return key
 
 
 def _load_weights(model: nn.Module, checkpoint: Checkpoint, config_dict: dict, dtype: torch.dtype,
@@ -197,9 +216,9 @@ def _load_weights(model: nn.Module, checkpoint: Checkpoint, config_dict: dict, d
     state = model.state_dict(keep_vars=True)  # meta tensors: names, shapes, and which buffers persist
     linears = {path for path, m in model.named_modules() if isinstance(m, nn.Linear)}
     # A pre-quantized layer stores other tensors (weight.absmax, SCB, ...): accept anything under a linear layer.
-    mapping, dropped, unexpected = _match_keys(model, checkpoint.keys(), set(state),
-                                               config_dict.get("architectures") or [],
-                                               tuple(p + "." for p in linears) if prequantized else ())
+    mapping, dropped, unbuilt, unexpected = _match_keys(model, checkpoint.keys(), set(state),
+                                                        config_dict.get("architectures") or [],
+                                                        tuple(p + "." for p in linears) if prequantized else ())
     quantized = _quantized_paths(model, qconfig, prequantized, mapping, linears)
     packed = tuple(p + "." for p in quantized) if prequantized else ()
     unexpected += [mapping.pop(k) for k in [k for k in mapping if k not in state and not k.startswith(packed)]]
@@ -213,6 +232,10 @@ def _load_weights(model: nn.Module, checkpoint: Checkpoint, config_dict: dict, d
     if dropped:
         warnings.warn(f"{checkpoint.folder}: ignored tensors of a head {type(model).__name__} does not have: "
                       f"{key_list(dropped)}", stacklevel=3)
+    if unbuilt:
+        warnings.warn(f"{checkpoint.folder}: {type(model).__name__} builds the language model only; the "
+                      f"{len(unbuilt)} tensors of the checkpoint's other parts were not read: {key_list(unbuilt, 4)}",
+                      stacklevel=3)
     if new_head:
         warnings.warn(f"{checkpoint.folder}: these {type(model).__name__} weights are not in the checkpoint and were "
                       f"newly initialised (train them before use): {key_list(new_head)}", stacklevel=3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minilora.io.atomic import atomic_write
+from minilora.io.config_checks import key_list
 from minilora.io.json_file import read_json_object
 from minilora.lora.config import LoraConfig
 from minilora.lora.inject import apply_lora, find_lora_targets, lora_layers, modules_to_save_paths
@@ -85,7 +87,9 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     tensors = {_to_peft_key(n, paths): t.contiguous().cpu() for n, t in adapter_state_dict(model).items()}
     task_type = _peft_task_type(model, config)
     targets = config.target_modules
-    if not isinstance(targets, list):  # a regex or "all-linear": write what it matched, as peft does
+    # A regex or "all-linear": write what it matched, as peft does. So too for a model built without parts of
+    # its checkpoint (a vision tower), where peft would match the names in those parts as well.
+    if not isinstance(targets, list) or getattr(model, "unbuilt_parts", ()):
         targets = _compact_targets(sorted(paths), model)
     peft_config = config.to_peft_dict(
         target_modules=targets, task_type=task_type,
@@ -102,6 +106,8 @@ def _peft_task_type(model: nn.Module, config: LoraConfig) -> str | None:
     which peft loads as a plain PeftModel with exactly our semantics)."""
     for suffix, (task_type, heads) in _TASK_TYPES.items():
         if type(model).__name__.endswith(suffix):
+            if task_type == "SEQ_2_SEQ_LM" and not getattr(model, "is_encoder_decoder", False):
+                task_type = "CAUSAL_LM"  # a decoder named ...ForConditionalGeneration (multimodal Gemma 3)
             saved = set(modules_to_save_paths(model, config))
             present = {p for p, _ in model.named_modules() if p in heads}
             return task_type if present <= saved else None
@@ -112,7 +118,7 @@ def _compact_targets(paths: list[str], model: nn.Module) -> list[str]:
     """Leaf names when they pick exactly `paths` (short and readable), else the full paths."""
     leaves = sorted({p.rpartition(".")[2] for p in paths})
     matched = {p for p, _ in model.named_modules() if p.rpartition(".")[2] in leaves}
-    return leaves if matched == set(paths) else sorted(paths)
+    return leaves if matched == set(paths) and not getattr(model, "unbuilt_parts", ()) else sorted(paths)
 
 
 def read_adapter(path_or_id: str | os.PathLike, revision: str | None = None
@@ -153,6 +159,13 @@ def load_adapter(model: nn.Module, path_or_id: str | os.PathLike, revision: str 
     """
     config, tensors, folder = read_adapter(path_or_id, revision)
     source = folder / WEIGHTS_NAME
+    unbuilt = [re.compile(p) for p in getattr(model, "unbuilt_parts", ())]
+    skipped = {k for k in tensors if any(p.search(k) for p in unbuilt)}
+    if skipped:  # e.g. LoRA on a vision tower the model was loaded without: it cannot change text outputs
+        warnings.warn(f"{source}: {len(skipped)} tensors belong to parts {type(model).__name__} does not build "
+                      f"and were not loaded: {key_list(sorted(skipped), 4)}",
+                      stacklevel=2)
+        tensors = {k: t for k, t in tensors.items() if k not in skipped}
     base_name = config.extra.get("base_model_name_or_path")
     own_name = getattr(model, "name_or_path", None)
     if base_name and own_name and Path(str(base_name)).name != Path(str(own_name)).name:

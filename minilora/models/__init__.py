@@ -39,18 +39,12 @@ FAMILIES: dict[str, ModelFamily] = {
            ("gemma", "GemmaConfig", "GemmaForCausalLM"),
            ("gemma2", "Gemma2Config", "Gemma2ForCausalLM"),
            ("gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM"),
+           ("gemma3", "Gemma3Config", "Gemma3ForConditionalGeneration"),
            ("phi3", "Phi3Config", "Phi3ForCausalLM"),
            ("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM"),
        ]},
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
-# Model types minilora knows and refuses, with the reason.
-REFUSED_MODEL_TYPES = {
-    "gemma3": "a multimodal Gemma 3 checkpoint (Gemma3ForConditionalGeneration: vision tower + language model); "
-              "minilora loads text-only Gemma 3 checkpoints (model_type 'gemma3_text', e.g. gemma-3-1b / "
-              "gemma-3-270m), so use one of those or save the language model alone first",
-}
-
 # HF class names found in config.json "architectures" -> minilora task: minilora's classes (named as HF's) and
 # the HF classes minilora lacks. Bare decoders map to the causal LM, masked-LM and pre-training heads to the
 # base model (their extra head tensors are dropped with a warning on load).
@@ -76,9 +70,6 @@ TASK_ALIASES = {
 
 def model_family(model_type: str | None) -> ModelFamily:
     """The registry entry for a config.json `model_type`; ValueError listing the supported ones otherwise."""
-    if model_type in REFUSED_MODEL_TYPES:
-        raise ValueError(f"model_type {model_type!r} in config.json is not supported: "
-                         f"{REFUSED_MODEL_TYPES[model_type]}")
     if model_type not in FAMILIES:
         raise ValueError(f"unsupported model_type {model_type!r} in config.json: minilora supports "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")

@@ -26,6 +26,11 @@ class PreTrainedModel(nn.Module):
             heads of other task classes).
         init_if_missing: regexes of keys a checkpoint may lack that are initialised afresh with a warning but,
             unlike task heads, stay ordinary layers (BERT's pooler, absent from masked-LM checkpoints).
+        checkpoint_renames: (regex, replacement) pairs turning stored keys into module paths, for a stored layout
+            that transformers renames when loading too (Gemma 3's multimodal checkpoints store the module
+            `model.language_model` as `language_model.model`).
+        unbuilt_parts: regexes of checkpoint keys of parts the class does not build (a multimodal checkpoint's
+            vision tower): not read, named in one warning.
     Instance attribute `config`: the family's config dataclass; `config.raw` is the config.json dict.
     """
 
@@ -34,6 +39,8 @@ class PreTrainedModel(nn.Module):
     new_head_prefixes: tuple[str, ...] = ()
     ignore_unexpected_keys: tuple[str, ...] = ()
     init_if_missing: tuple[str, ...] = ()
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    unbuilt_parts: tuple[str, ...] = ()
     config: Any = None
 
     @property

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from minilora.models.llama import LlamaForCausalLM
+from torch import nn
+
+from minilora.models.llama import LlamaForCausalLM, LlamaModel
 from minilora.models.llama_config import LlamaConfig
 
 _SLIDING = frozenset({"sliding_window", "layer_types"})
@@ -115,7 +117,7 @@ class Gemma2Config(GemmaConfig):
         if d.get("layer_types") is None:
             every = d.get("sliding_window_pattern", cls.sliding_every)
             d["layer_types"] = ["sliding_attention" if (i + 1) % every else "full_attention"
-                                for i in range(d["num_hidden_layers"])]
+                                for i in range(d.get("num_hidden_layers", cls.num_hidden_layers))]
         return d
 
 
@@ -124,6 +126,12 @@ class Gemma3TextConfig(Gemma2Config):
     """Gemma 3 (text): Gemma 2 without soft-capping by default, q/k norms, 5 local : 1 global layers, local
     layers with their own RoPE base (rope_local_base_freq), RoPE scaling on global layers only."""
 
+    vocab_size: int = 262208
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 26
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = 4
     max_position_embeddings: int = 131072
     rope_theta: float = 1_000_000.0
     attn_logit_softcapping: float | None = None
@@ -147,6 +155,26 @@ class Gemma3TextConfig(Gemma2Config):
         else:  # v4: rope_theta / rope_scaling for global layers, rope_local_base_freq for local ones
             d["rope_local_theta"] = d.get("rope_local_base_freq", 10_000.0)
         return d
+
+
+@dataclass
+class Gemma3Config(Gemma3TextConfig):
+    """Gemma 3's multimodal config.json (gemma-3-4b and larger: Gemma3ForConditionalGeneration). minilora builds
+    its language model only: the fields come from `text_config` (which hub checkpoints write sparsely: the
+    defaults above fill the rest). Top-level values win: `tie_word_embeddings` (transformers ties by it) and the
+    token ids (the instruction-tuned checkpoints list `<end_of_turn>` as an eos_token_id there)."""
+
+    model_type: str = "gemma3"
+    nested_config: ClassVar[str] = "text_config"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Gemma3Config:
+        text = dict(d.get(cls.nested_config) or {})
+        text.update({k: d[k] for k in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+                     if d.get(k) is not None})
+        config = super().from_dict(text)
+        config.model_type, config.raw = "gemma3", dict(d)
+        return config
 
 
 @dataclass
@@ -230,6 +258,33 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
 
 class Gemma3ForCausalLM(LlamaForCausalLM):
     """Gemma 3 text decoder (see Gemma3TextConfig)."""
+
+
+class Gemma3Model(nn.Module):
+    """transformers' multimodal Gemma3Model without its vision tower and projector: the text decoder under the
+    name it has there, so module paths (and peft adapter keys) are transformers'."""
+
+    def __init__(self, config: Gemma3Config):
+        super().__init__()
+        self.language_model = LlamaModel(config)
+
+    def forward(self, *args, **kwargs):
+        return self.language_model(*args, **kwargs)
+
+
+class Gemma3ForConditionalGeneration(LlamaForCausalLM):
+    """Gemma 3's multimodal checkpoints (gemma-3-4b and larger) as a text-only decoder: the language model of
+    transformers' class of this name, same logits on text. The vision tower is not built or read."""
+
+    backbone_class = Gemma3Model
+    # As transformers reads them: the checkpoints store the module `model.language_model` as `language_model.model`.
+    checkpoint_renames = ((r"^language_model\.model\.", "model.language_model."),
+                          (r"^language_model\.lm_head\.", "lm_head."))
+    unbuilt_parts = (r"^(model\.)?(vision_tower|multi_modal_projector)\.",)
+
+    @property
+    def decoder(self) -> LlamaModel:
+        return self.model.language_model
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):

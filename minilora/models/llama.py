@@ -270,11 +270,12 @@ class LlamaForCausalLM(PreTrainedModel):
 
     base_model_prefix = "model"
     ignore_unexpected_keys: tuple[str, ...] = (r".*rotary_emb\.inv_freq",)  # saved by old checkpoints
+    backbone_class: type[nn.Module] = LlamaModel  # what `model` is: the decoder, or a module holding it
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = self.backbone_class(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
@@ -318,18 +319,23 @@ class LlamaForCausalLM(PreTrainedModel):
         return [(k.index_select(0, beam_idx.to(k.device)), v.index_select(0, beam_idx.to(v.device)))
                 for k, v in past_key_values]
 
+    @property
+    def decoder(self) -> LlamaModel:
+        """The decoder stack: `model` itself, or the module inside it that a multimodal layout names."""
+        return self.model
+
     def tied_weight_keys(self) -> list[str]:
         return ["lm_head.weight"] if self.config.tie_word_embeddings else []
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.weight = self.decoder.embed_tokens.weight
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
     def init_non_persistent_buffers(self, device: torch.device | str) -> None:
         """(Re)compute the rotary frequencies, e.g. after the loader materialised the model from `meta`."""
-        for rotary_emb in (self.model.rotary_emb, getattr(self.model, "rotary_emb_local", None)):
+        for rotary_emb in (self.decoder.rotary_emb, getattr(self.decoder, "rotary_emb_local", None)):
             if rotary_emb is not None:
                 rotary_emb.inv_freq = rope_inv_freq(self.config, device=device, local=rotary_emb.local)
