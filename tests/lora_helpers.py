@@ -50,3 +50,59 @@ def trained_like(model):
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return model
+
+
+def ours_name(peft_name: str) -> str:
+    """minilora's parameter name for a peft one (the module paths are the same)."""
+    return peft_name.removeprefix("base_model.model.").replace(".default", "").replace(".base_layer", "")
+
+
+def grads(model) -> dict:
+    """Gradients of the trainable tensors by minilora name (of a minilora or a peft model)."""
+    return {ours_name(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def copy_trainable(theirs, ours) -> None:
+    """peft's trainable tensors set to minilora's: the same LoRA init in both stacks."""
+    params = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.copy_(params[ours_name(name)])
+
+
+def peft_qlora(folder, lora_kwargs: dict, model_class: str = "AutoModelForCausalLM"):
+    """QLoRA as transformers + peft run it on a bf16 checkpoint: NF4 with double quantization and bf16 compute,
+    prepare_model_for_kbit_training (fp32 residual, norms and head), then LoRA."""
+    import peft
+    import transformers
+    bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    hf = getattr(transformers, model_class).from_pretrained(folder, dtype=torch.bfloat16, quantization_config=bnb)
+    hf = peft.prepare_model_for_kbit_training(hf, use_gradient_checkpointing=False)
+    return peft.get_peft_model(hf, peft.LoraConfig(**lora_kwargs)).train()
+
+
+def assert_same_training_signal(ours, theirs, ours_inputs: dict, theirs_inputs: dict, loss_atol: float,
+                                grad_atol: float, grad_rtol: float, logits_atol: float | None = None) -> dict:
+    """Same loss (and logits, when `logits_atol` is given) and same gradient of every trainable tensor in the two
+    stacks after one backward; returns minilora's gradients."""
+    out_ours, out_theirs = ours(**ours_inputs), theirs(**theirs_inputs)
+    if logits_atol is not None:
+        torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=logits_atol, rtol=logits_atol)
+    torch.testing.assert_close(out_ours.loss, out_theirs.loss, atol=loss_atol, rtol=loss_atol)
+    out_ours.loss.backward()
+    out_theirs.loss.backward()
+    g_ours, g_theirs = grads(ours), grads(theirs)
+    assert g_ours.keys() == g_theirs.keys() and g_ours
+    for name, grad in g_ours.items():
+        torch.testing.assert_close(grad, g_theirs[name], atol=grad_atol, rtol=grad_rtol, msg=name)
+    return g_ours
+
+
+def assert_bf16_close_grads(ours, theirs, rel: float = 2e-2) -> None:
+    """Gradients of products run in bf16 in both stacks: within `rel` of each tensor's largest gradient."""
+    g_ours, g_theirs = grads(ours), grads(theirs)
+    assert g_ours.keys() == g_theirs.keys() and g_ours
+    for name, grad in g_ours.items():
+        assert (grad - g_theirs[name]).abs().max() <= rel * g_theirs[name].abs().max(), name

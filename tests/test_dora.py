@@ -4,18 +4,13 @@ import copy
 
 import pytest
 import torch
-import transformers
-from lora_helpers import batch, peft_twin, tiny_llama, trained_like
+from lora_helpers import (assert_bf16_close_grads, assert_same_training_signal, batch, copy_trainable, peft_qlora,
+                          peft_twin, tiny_llama, trained_like)
 
 import minilora as ml
 from minilora.lora.dora import dora_forward
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-def grads(model):
-    return {n.removeprefix("base_model.model.").replace(".default", "").replace(".base_layer", ""): p.grad
-            for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_magnitudes_start_at_the_row_norms_and_the_model_at_its_base():
@@ -39,16 +34,9 @@ def test_outputs_loss_and_grads_equal_peft(bias):
             if isinstance(layer, ml.LoraLinear):
                 layer.lora_magnitude_vector.weight.mul_(torch.linspace(0.5, 1.5, layer.out_features))
     theirs = peft_twin(ours, base, kwargs)
-    b = batch()
-    out_ours, out_theirs = ours(**b), theirs(**b)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out_ours.loss, out_theirs.loss, atol=1e-6, rtol=1e-6)
-    out_ours.loss.backward()
-    out_theirs.loss.backward()
-    g_ours, g_theirs = grads(ours), grads(theirs)
-    assert set(g_ours) == set(g_theirs) and any("lora_magnitude_vector" in n for n in g_ours)
-    for name in g_ours:
-        torch.testing.assert_close(g_ours[name], g_theirs[name], atol=1e-6, rtol=1e-5, msg=name)
+    g_ours = assert_same_training_signal(ours, theirs, batch(), batch(), loss_atol=1e-6, grad_atol=1e-6,
+                                         grad_rtol=1e-5, logits_atol=1e-5)
+    assert any("lora_magnitude_vector" in n for n in g_ours)
     assert ml.trainable_parameters(ours) == theirs.get_nb_trainable_parameters()
 
 
@@ -144,28 +132,15 @@ def test_qlora_dora_equals_peft_on_nf4(tmp_path):
     """DoRA on an NF4 base (quantize="nf4", QLoRA's fp32 residual) against transformers' NF4 + peft's
     prepare_model_for_kbit_training + DoRA: the same loss and gradients up to bf16 products."""
     pytest.importorskip("bitsandbytes")
-    import peft
     tiny_llama().to(torch.bfloat16).save_pretrained(tmp_path)
     kwargs = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, use_dora=True)
     ours = ml.apply_lora(ml.from_pretrained(tmp_path, quantize="nf4", device="cpu"), ml.LoraConfig(**kwargs))
     trained_like(ours).train()
-    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16,
-                                                           quantization_config=bnb_config)
-    hf = peft.prepare_model_for_kbit_training(hf, use_gradient_checkpointing=False)
-    theirs = peft.get_peft_model(hf, peft.LoraConfig(**kwargs)).train()
-    ours_params = dict(ours.named_parameters())
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if p.requires_grad:
-                p.copy_(ours_params[name.removeprefix("base_model.model.").replace(".default", "")])
+    theirs = peft_qlora(tmp_path, kwargs)
+    copy_trainable(theirs, ours)
     b = batch()
     got, expected = ours(**b).loss, theirs(**b).loss
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
     got.backward()
     expected.backward()
-    theirs_grads = grads(theirs)
-    for name, p in ours_params.items():
-        if p.requires_grad:  # bf16 products in both: relative to the tensor's largest gradient
-            assert (p.grad - theirs_grads[name]).abs().max() <= 2e-2 * theirs_grads[name].abs().max(), name
+    assert_bf16_close_grads(ours, theirs)

@@ -158,39 +158,25 @@ def test_nf4_logits_match_transformers_bitsandbytes(family_dir):
 def lora_pair(folder, **lora_kwargs):
     """minilora and peft with the same LoRA weights (B random, so every factor gets a gradient)."""
     import peft
+    from lora_helpers import copy_trainable  # here, not at the top: benchmarks import this module from elsewhere
     ours = ml.apply_lora(ml.from_pretrained(folder, dtype=torch.float32), ml.LoraConfig(**lora_kwargs)).train()
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
     theirs = peft.get_peft_model(load_hf(folder), peft.LoraConfig(**lora_kwargs)).train()
-    ours_params = dict(ours.named_parameters())
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if p.requires_grad:
-                p.copy_(ours_params[peft_name_to_ours(name)])
+    copy_trainable(theirs, ours)
     return ours, theirs
 
 
-def peft_name_to_ours(name: str) -> str:
-    return name.removeprefix("base_model.model.").replace(".default", "").replace(".base_layer", "")
-
-
 def test_lora_loss_and_gradients_equal_peft(family_dir):
+    from lora_helpers import assert_same_training_signal
     _, folder = family_dir
     ours, theirs = lora_pair(folder, r=4, lora_alpha=8, target_modules="all-linear")
     ids, mask = left_padded(batch=2)
-    labels = ids.masked_fill(mask == 0, -100)
-    got = ours(ids, attention_mask=mask, labels=labels).loss
-    expected = theirs(input_ids=ids, attention_mask=mask, labels=labels).loss
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    got.backward()
-    expected.backward()
-    theirs_grads = {peft_name_to_ours(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    ours_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert ours_grads.keys() == theirs_grads.keys() and len(ours_grads) >= 2 * 2 * 4  # 2 layers, >= 4 linears
-    for name, grad in ours_grads.items():
-        torch.testing.assert_close(grad, theirs_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    grads = assert_same_training_signal(ours, theirs, inputs, inputs, loss_atol=1e-5, grad_atol=1e-5, grad_rtol=1e-4)
+    assert len(grads) >= 2 * 2 * 4  # 2 layers, >= 4 linears
 
 
 def test_default_targets_are_peft_defaults(family_dir):
@@ -309,7 +295,8 @@ def test_default_qlora_equals_peft_kbit_recipe(family_dir, tmp_path):
     """quantize="nf4" without dtype on a bf16 checkpoint is QLoRA's recipe: the same loss and LoRA gradients as
     transformers' NF4 (bf16 compute) + peft's prepare_model_for_kbit_training (fp32 residual, norms, head)."""
     pytest.importorskip("bitsandbytes")
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
+    from lora_helpers import assert_bf16_close_grads, copy_trainable, peft_qlora
     family, _ = family_dir
     hf_model(family).to(torch.bfloat16).save_pretrained(tmp_path)
     kwargs = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
@@ -318,17 +305,8 @@ def test_default_qlora_equals_peft_kbit_recipe(family_dir, tmp_path):
         for name, p in ours.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16,
-                                                           quantization_config=bnb_config)
-    hf = peft.prepare_model_for_kbit_training(hf, use_gradient_checkpointing=False)
-    theirs = peft.get_peft_model(hf, peft.LoraConfig(**kwargs)).train()
-    ours_params = dict(ours.named_parameters())
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if p.requires_grad:
-                p.copy_(ours_params[peft_name_to_ours(name)])
+    theirs = peft_qlora(tmp_path, kwargs)
+    copy_trainable(theirs, ours)
     ids, mask = left_padded(batch=2)
     labels = ids.masked_fill(mask == 0, -100)
     got = ours(ids, attention_mask=mask, labels=labels).loss
@@ -336,8 +314,4 @@ def test_default_qlora_equals_peft_kbit_recipe(family_dir, tmp_path):
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)  # a bf16 residual is off by ~1e-3 or more
     got.backward()
     expected.backward()
-    theirs_grads = {peft_name_to_ours(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    for name, p in ours_params.items():
-        if p.requires_grad:  # bf16 products in both: compared relative to the tensor's largest gradient
-            scale = theirs_grads[name].abs().max()
-            assert (p.grad - theirs_grads[name]).abs().max() <= 2e-2 * scale, name
+    assert_bf16_close_grads(ours, theirs)

@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 import transformers
+from lora_helpers import assert_bf16_close_grads, assert_same_training_signal, copy_trainable, grads, peft_qlora
 from safetensors.torch import save_file
 
 import minilora as ml
@@ -157,10 +158,7 @@ def test_default_qlora_equals_peft_kbit_recipe(tmp_path):
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
     got.backward()
     expected.backward()
-    theirs_grads = {peft_name_to_ours(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    for name, p in ours.named_parameters():
-        if p.requires_grad:  # bf16 products in both: compared relative to the tensor's largest gradient
-            assert (p.grad - theirs_grads[name]).abs().max() <= 2e-2 * theirs_grads[name].abs().max(), name
+    assert_bf16_close_grads(ours, theirs)
 
 
 def lora_pair(folder, quantized: bool = False, **lora_kwargs):
@@ -173,48 +171,29 @@ def lora_pair(folder, quantized: bool = False, **lora_kwargs):
         for name, p in ours.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    peft_kwargs = dict(target_modules=LANGUAGE, **lora_kwargs)
     if quantized:
-        hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(
-            folder, dtype=torch.bfloat16, quantization_config=nf4_config(torch.bfloat16))
-        hf = peft.prepare_model_for_kbit_training(hf, use_gradient_checkpointing=False)
+        theirs = peft_qlora(folder, peft_kwargs, "Gemma3ForConditionalGeneration")
     else:
-        hf = load_hf(folder)
-    theirs = peft.get_peft_model(hf, peft.LoraConfig(target_modules=LANGUAGE, **lora_kwargs)).train()
-    ours_params = dict(ours.named_parameters())
-    trainable = {peft_name_to_ours(n): p for n, p in theirs.named_parameters() if p.requires_grad}
-    assert trainable.keys() == {n for n, p in ours_params.items() if p.requires_grad}
-    with torch.no_grad():
-        for name, p in trainable.items():
-            p.copy_(ours_params[name])
+        theirs = peft.get_peft_model(load_hf(folder), peft.LoraConfig(**peft_kwargs)).train()
+    assert grads(theirs).keys() == grads(ours).keys()  # the same layers: the language model's
+    copy_trainable(theirs, ours)
     return ours, theirs
-
-
-def peft_name_to_ours(name: str) -> str:
-    return name.removeprefix("base_model.model.").replace(".default", "").replace(".base_layer", "")
 
 
 def test_lora_loss_and_gradients_equal_peft(folder):
     ours, theirs = lora_pair(folder, r=4, lora_alpha=8)
     ids, mask = text_batch(batch=2)
-    labels = ids.masked_fill(mask == 0, -100)
-    got = ours(ids, attention_mask=mask, labels=labels).loss
-    expected = theirs(input_ids=ids, attention_mask=mask, labels=labels).loss
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    got.backward()
-    expected.backward()
-    theirs_grads = {peft_name_to_ours(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    ours_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert len(ours_grads) == 2 * 7 * 2  # 2 layers, 7 projections, A and B
-    for name, grad in ours_grads.items():
-        torch.testing.assert_close(grad, theirs_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    first = assert_same_training_signal(ours, theirs, inputs, inputs, loss_atol=1e-5, grad_atol=1e-5, grad_rtol=1e-4)
+    assert len(first) == 2 * 7 * 2  # 2 layers, 7 projections, A and B
+    first = {n: g.clone() for n, g in first.items()}
     ml.enable_gradient_checkpointing(ours)  # the decoder inside `model.language_model` recomputes too
-    grads = {n: g.clone() for n, g in ours_grads.items()}
     ours.zero_grad()
-    ours(ids, attention_mask=mask, labels=labels).loss.backward()
+    ours(**inputs).loss.backward()
     assert ours.model.language_model.gradient_checkpointing
-    for name, p in ours.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5)
+    for name, grad in grads(ours).items():
+        torch.testing.assert_close(grad, first[name], atol=1e-6, rtol=1e-5)
 
 
 def test_adapters_load_in_peft_and_back(folder, tmp_path):

@@ -4,16 +4,10 @@ import sys
 
 import pytest
 import torch
-from lora_helpers import batch, peft_twin, tiny_bert_cls, tiny_llama
+from lora_helpers import assert_same_training_signal, batch, peft_twin, tiny_bert_cls, tiny_llama
 from torch import nn
 
 import minilora as ml
-
-
-def grads(model):
-    return {n.removeprefix("base_model.model.").replace(".default", "").replace(".base_layer", ""): p.grad
-            for n, p in model.named_parameters() if p.requires_grad}
-
 
 # ---------------------------------------------------------------- config validation
 
@@ -138,16 +132,8 @@ def test_outputs_loss_and_grads_equal_peft(bias, use_rslora):
                   use_rslora=use_rslora, init_lora_weights=False)
     ours = ml.apply_lora(copy.deepcopy(base), ml.LoraConfig(**kwargs))
     theirs = peft_twin(ours, base, kwargs)
-    b = batch()
-    out_ours, out_theirs = ours(**b), theirs(**b)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out_ours.loss, out_theirs.loss, atol=1e-6, rtol=1e-6)
-    out_ours.loss.backward()
-    out_theirs.loss.backward()
-    g_ours, g_theirs = grads(ours), grads(theirs)
-    assert set(g_ours) == set(g_theirs)
-    for name in g_ours:
-        torch.testing.assert_close(g_ours[name], g_theirs[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert_same_training_signal(ours, theirs, batch(), batch(), loss_atol=1e-6, grad_atol=1e-6, grad_rtol=1e-5,
+                                logits_atol=1e-5)
     assert ml.trainable_parameters(ours) == theirs.get_nb_trainable_parameters()
 
 
