@@ -227,6 +227,23 @@ def test_adapters_load_in_peft_and_back(folder, tmp_path):
         assert (load_ours(folder, dtype=torch.float32)(ids).logits - expected).abs().max() > 1e-3
 
 
+def test_adapter_of_the_older_layout_loads(folder, tmp_path):
+    """transformers 4.50-4.51 (Gemma 3's first releases) had the language model at `language_model.model`:
+    peft adapters of then name it so, and load as the checkpoint does."""
+    from safetensors.torch import load_file
+    ours = lora_pair(folder, r=4, lora_alpha=8)[0].eval()
+    ml.save_adapter(ours, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    old = {k.replace("base_model.model.model.language_model.", "base_model.model.language_model.model."): t
+           for k, t in tensors.items()}
+    assert old.keys() != tensors.keys()
+    save_file(old, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    again = ml.load_adapter(load_ours(folder, dtype=torch.float32), tmp_path).eval()
+    ids = text_batch(batch=1, seq=20)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, ours(ids).logits, atol=0, rtol=0)
+
+
 def test_saved_model_loads_in_transformers_and_back(folder, tmp_path):
     ours = load_ours(folder, dtype=torch.float32)
     ml.save_pretrained(ours, tmp_path)

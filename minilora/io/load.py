@@ -28,6 +28,7 @@ from minilora.io.json_file import read_json_object
 from minilora.io.safetensors_file import (  # noqa: F401 (re-exported: callers import them from minilora.io.load)
     Checkpoint, CheckpointError, LazyTensor, SafetensorsFile, load_safetensors, save_safetensors)
 from minilora.models import model_classes
+from minilora.models.base import in_unbuilt_part, stored_key_to_path
 from minilora import quant
 from minilora.quant import QuantConfig, format as quant_format
 
@@ -169,14 +170,12 @@ def _match_keys(model: nn.Module, checkpoint_keys: Iterable[str], model_keys: se
     another class's head (e.g. `cls.*` of BertForPreTraining) and of the model's `unbuilt_parts` are dropped
     with a warning; anything else unknown is unexpected.
     """
-    renames = [(re.compile(pattern), replacement) for pattern, replacement in model.checkpoint_renames]
-    unbuilt_parts = [re.compile(p) for p in model.unbuilt_parts]
     renamed, unbuilt = {}, []
     for key in checkpoint_keys:
-        if any(p.search(key) for p in unbuilt_parts):
+        if in_unbuilt_part(model, key):
             unbuilt.append(key)
         else:
-            renamed[key] = _renamed(key, renames)
+            renamed[key] = stored_key_to_path(model, key)
     prefix = model.base_model_prefix + "."
     is_task_model = isinstance(getattr(model, model.base_model_prefix, None), nn.Module)
     prefixed = any(k.startswith(prefix) for k in renamed.values())
@@ -202,12 +201,6 @@ def _match_keys(model: nn.Module, checkpoint_keys: Iterable[str], model_keys: se
         else:
             unexpected.append(stored)
     return mapping, dropped, unbuilt, unexpected
-
-
-def _renamed(key: str, renames: list[tuple[re.Pattern, str]]) -> str:
-    for pattern, replacement in renames:
-        key = pattern.sub(replacement, key)
-    return key
 
 
 def _load_weights(model: nn.Module, checkpoint: Checkpoint, config_dict: dict, dtype: torch.dtype,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from minilora.io.config_checks import key_list
 from minilora.io.json_file import read_json_object
 from minilora.lora.config import LoraConfig
 from minilora.lora.inject import apply_lora, find_lora_targets, lora_layers, modules_to_save_paths
+from minilora.models.base import in_unbuilt_part, stored_key_to_path
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -159,8 +159,9 @@ def load_adapter(model: nn.Module, path_or_id: str | os.PathLike, revision: str 
     """
     config, tensors, folder = read_adapter(path_or_id, revision)
     source = folder / WEIGHTS_NAME
-    unbuilt = [re.compile(p) for p in getattr(model, "unbuilt_parts", ())]
-    skipped = {k for k in tensors if any(p.search(k) for p in unbuilt)}
+    # Keys of an older layout of the model (Gemma 3 adapters from transformers 4.50-4.51) renamed as on loading.
+    tensors = {stored_key_to_path(model, k): t for k, t in tensors.items()}
+    skipped = {k for k in tensors if in_unbuilt_part(model, k)}
     if skipped:  # e.g. LoRA on a vision tower the model was loaded without: it cannot change text outputs
         warnings.warn(f"{source}: {len(skipped)} tensors belong to parts {type(model).__name__} does not build "
                       f"and were not loaded: {key_list(sorted(skipped), 4)}",

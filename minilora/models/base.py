@@ -5,6 +5,7 @@ attributes and methods below; every model class minilora builds implements them.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -103,6 +104,18 @@ def output_head_paths(model: nn.Module) -> set[str]:
     return {path for path, module in model.named_modules()
             if path and ((head is not None and module is head) or path in prefixes
                          or path.startswith(tuple(p + "." for p in prefixes)))}
+
+
+def stored_key_to_path(model: nn.Module, key: str) -> str:
+    """A checkpoint or adapter key as `model`'s parameter name: its `checkpoint_renames` applied."""
+    for pattern, replacement in getattr(model, "checkpoint_renames", ()):
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def in_unbuilt_part(model: nn.Module, key: str) -> bool:
+    """Whether a checkpoint or adapter key belongs to a part `model` does not build (its `unbuilt_parts`)."""
+    return any(re.search(pattern, key) for pattern in getattr(model, "unbuilt_parts", ()))
 
 
 def model_type_of(model: nn.Module) -> str | None:
