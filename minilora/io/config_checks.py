@@ -11,6 +11,7 @@ import torch
 
 from minilora.checks import type_errors
 from minilora.io.safetensors_file import Checkpoint, CheckpointError
+from minilora.models.base import in_unbuilt_part
 
 MAX_NUM_LABELS = 100_000  # far above any real classification head; a typo'd 10**9 would build a 10**9-row head
 
@@ -52,13 +53,12 @@ def check_config_dict(config_class: type, config: dict, source: Path) -> None:
         raise CheckpointError(f"{source}: num_labels={num_labels} is more than {MAX_NUM_LABELS}")
 
 
-def check_against_checkpoint(config, checkpoint: Checkpoint, source: Path, skip: tuple[str, ...] = ()) -> None:
+def check_against_checkpoint(config, checkpoint: Checkpoint, source: Path, model_class: type | None = None) -> None:
     """Before the model is built: the config's layer counts must equal the number of layers the checkpoint
     holds (a wrong count would build every layer first), and no width may exceed every stored tensor's
-    dimensions (a huge head_dim would compute a huge RoPE table first). Keys matching a `skip` regex (parts
-    the model does not build, e.g. a vision tower) are not counted."""
-    skipped = [re.compile(p) for p in skip]
-    keys = [k for k in checkpoint.keys() if not any(p.search(k) for p in skipped)]
+    dimensions (a huge head_dim would compute a huge RoPE table first). Keys of parts `model_class` does not
+    build (a vision tower) are not counted."""
+    keys = [k for k in checkpoint.keys() if not in_unbuilt_part(model_class, k)]
     largest = max((max(checkpoint.shape(k), default=1) for k in keys), default=1)
     for name in WIDTH_FIELDS:
         value = getattr(config, name, None)

@@ -67,8 +67,7 @@ def from_pretrained(path_or_id: str | os.PathLike, task: str | None = None, num_
     config_class, model_class = model_classes(config_dict, task)
     device = resolve_device(device)
     with Checkpoint(model_dir) as checkpoint:
-        config = _checked_config(config_class, config_dict, checkpoint, model_dir / "config.json",
-                                 model_class.unbuilt_parts)
+        config = _checked_config(config_class, config_dict, checkpoint, model_dir / "config.json", model_class)
         dtype, compute_dtype = _resolve_dtype(dtype, config_dict, checkpoint,
                                               quantize is not None or "quantization_config" in config_dict)
         qconfig, prequantized = _resolve_quantization(quantize, config_dict, compute_dtype)
@@ -103,7 +102,7 @@ def _no_random_init():
 
 
 def _checked_config(config_class: type, config_dict: dict, checkpoint: Checkpoint, source: Path,
-                    unbuilt_parts: tuple[str, ...] = ()):
+                    model_class: type | None = None):
     """The model config, its values and layer count checked against the checkpoint (less the parts the model
     does not build) before any layer is built."""
     load_checks.check_config_dict(config_class, config_dict, source)
@@ -111,7 +110,7 @@ def _checked_config(config_class: type, config_dict: dict, checkpoint: Checkpoin
         config = config_class.from_dict(config_dict)
     except (ValueError, TypeError, KeyError) as e:  # the config class's own checks: name the file
         raise type(e)(f"{source}: {e}") from None
-    load_checks.check_against_checkpoint(config, checkpoint, source, unbuilt_parts)
+    load_checks.check_against_checkpoint(config, checkpoint, source, model_class)
     return config
 
 

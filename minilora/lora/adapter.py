@@ -159,7 +159,8 @@ def load_adapter(model: nn.Module, path_or_id: str | os.PathLike, revision: str 
     """
     config, tensors, folder = read_adapter(path_or_id, revision)
     source = folder / WEIGHTS_NAME
-    # Keys of an older layout of the model (Gemma 3 adapters from transformers 4.50-4.51) renamed as on loading.
+    # Keys of an older layout of the model (Gemma 3 adapters trained with transformers 4.50-4.51) renamed as on
+    # loading a checkpoint.
     tensors = {stored_key_to_path(model, k): t for k, t in tensors.items()}
     skipped = {k for k in tensors if in_unbuilt_part(model, k)}
     if skipped:  # e.g. LoRA on a vision tower the model was loaded without: it cannot change text outputs
